@@ -1,0 +1,1 @@
+"""Agent evaluation and exploration: environments, task loaders, prompts and the episode driver."""
