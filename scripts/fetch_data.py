@@ -201,13 +201,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[data] {item['name']}: installed from {origin}")
             done += 1
         except FetchError as e:
-            line = f"{item['name']} ({item.get('note', '')}) -- {e}"
-            (missing_required if item.get("required") else missing_optional).append(line)
+            if item.get("required"):
+                missing_required.append(f"{item['name']} ({item.get('note', '')}) -- {e}")
+            else:
+                missing_optional.append(f"{item['name']} -- {e}")
     shutil.rmtree(fetcher.scratch, ignore_errors=True)
     if skipped:
         print(f"[data] {skipped} item(s) already installed, nothing to do for them")
     for line in missing_optional:
-        print(f"[data] optional item missing: {line}")
+        print(f"[data] optional item not available (fine): {line}")
     if missing_required:
         print(f"[data] {len(missing_required)} required item(s) missing:", file=sys.stderr)
         for line in missing_required:

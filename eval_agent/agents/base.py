@@ -1,0 +1,41 @@
+"""The agent interface: a callable from chat messages to the model's answer.
+
+An agent is shared by all concurrent episodes of a run, so `__call__` must be
+thread-safe. Failures are reported through two exceptions the episode loop
+understands: `ContextOverflowError` (the conversation no longer fits the model;
+the episode ends, the run goes on) and `ModelError` (the model could not be
+reached or kept failing after retries; an infrastructure failure that a rerun
+redoes).
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+
+class ModelError(RuntimeError):
+    """The model server failed (connection, timeout, server error) after all retries."""
+
+
+class ContextOverflowError(ModelError):
+    """The prompt does not fit the model's context window."""
+
+
+class Agent(ABC):
+    """Options come from the agent config's "config" mapping (eval_agent/configs/model/*.json)."""
+
+    def __init__(self, model_name: str, max_new_tokens: int = 512, temperature: float = 0.0,
+                 top_p: float = 1.0, **options: Any):
+        self.model_name = model_name
+        self.max_new_tokens = int(max_new_tokens)
+        self.temperature = float(temperature)
+        self.top_p = float(top_p)
+        if options:
+            raise TypeError(f"{type(self).__name__}: unknown option(s) {sorted(options)}")
+
+    @abstractmethod
+    def __call__(self, messages: list[dict[str, str]]) -> str:
+        """Return the model's answer to `messages` ([{"role": "user"|"assistant", "content"}])."""
+
+    def close(self) -> None:
+        """Release connections."""

@@ -1,0 +1,181 @@
+"""Evaluate (or explore with) an LLM agent on a benchmark split.
+
+    python -m eval_agent.main --agent_config fastchat --model_name SmolLM2-135M-Instruct \
+        --exp_config alfworld --split test --num_workers 8
+
+One JSON per task goes to --output_path (default outputs/<model>/<task><exp_name>/<split>),
+written atomically; a rerun skips tasks already done unless --override, and redoes those that
+ended on an infrastructure failure (model_error, env_error, reset_timeout). At the end the average
+reward and success rate of the shard are printed and saved as metrics.json (metrics_part<i>_of_<n>.json
+for a shard of --part_num > 1).
+
+Exit status: 0 when every episode of the shard has a result, 1 when some ended on an infrastructure
+failure (rerun to complete them), 2 for bad arguments or configs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from eval_agent.agents import load_agent_config, make_agent
+from eval_agent.config import ConfigError, load_task_config
+from eval_agent.runner import (compute_metrics, is_complete, is_infrastructure_failure, read_result,
+                               run_episode, task_filename, write_json_atomic)
+from eval_agent.tasks.base import shard
+
+log = logging.getLogger("eval_agent")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--agent_config", default="fastchat",
+                   help="agent config: a name in --agent_path (default eval_agent/configs/model) or a JSON path")
+    p.add_argument("--agent_path", default=None, help="folder of agent configs")
+    p.add_argument("--exp_config", default="webshop", help="task config: alfworld, sciworld, webshop, or a YAML path")
+    p.add_argument("--exp_path", default=None, help="folder of task configs (default eval_agent/configs/task)")
+    p.add_argument("--exp_name", default="", help="suffix of the default output folder, e.g. _sft")
+    p.add_argument("--model_name", default=None, help="model name served by the controller (overrides the config)")
+    p.add_argument("--split", default="test", choices=["train", "dev", "test"])
+    p.add_argument("--part_num", type=int, default=1, help="split the tasks into this many shards")
+    p.add_argument("--part_idx", type=int, default=0, help="which shard to run (0-based; -1 = 0)")
+    p.add_argument("--output_path", default=None, help="folder for the per-task JSON files and metrics")
+    p.add_argument("--num_workers", type=int, default=1, help="episodes run concurrently (one env each)")
+    p.add_argument("--max_tasks", type=int, default=None, help="run only the first N tasks of the shard")
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--max_new_tokens", type=int, default=None)
+    p.add_argument("--icl_num", type=int, default=None, help="in-context examples (default: the task config's)")
+    p.add_argument("--controller_address", default=None, help="FastChat controller URL (fastchat agent)")
+    p.add_argument("--verbose", action="store_true", help="log every model answer and observation")
+    p.add_argument("--debug", action="store_true",
+                   help="debug logging, one episode at a time, and env exceptions stop the run with a traceback")
+    p.add_argument("--override", action="store_true", help="redo tasks that already have a result file")
+    args = p.parse_args(argv)
+    if args.part_idx == -1:
+        args.part_idx = 0
+    if args.num_workers < 1:
+        p.error("--num_workers must be >= 1")
+    if args.max_tasks is not None and args.max_tasks < 0:
+        p.error("--max_tasks must be >= 0")
+    if args.icl_num is not None and args.icl_num < 0:
+        p.error("--icl_num must be >= 0")
+    return args
+
+
+def default_output_path(model_name: str, task_name: str, exp_name: str, split: str) -> Path:
+    return Path("outputs") / model_name.strip("/").replace("/", "_") / f"{task_name}{exp_name}" / split
+
+
+def metrics_filename(part_num: int, part_idx: int) -> str:
+    return "metrics.json" if part_num == 1 else f"metrics_part{part_idx}_of_{part_num}.json"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.debug:
+        args.num_workers = 1
+    try:
+        return run(args)
+    except ConfigError as e:
+        log.error("%s", e)
+        return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    exp = args.exp_config
+    cfg = load_task_config(Path(args.exp_path) / f"{exp}.yaml" if args.exp_path and not Path(exp).suffix else exp)
+    agent_path, agent_raw = load_agent_config(args.agent_config, args.agent_path)
+    overrides: dict[str, Any] = {"model_name": args.model_name, "temperature": args.temperature,
+                                 "max_new_tokens": args.max_new_tokens}
+    if args.controller_address:
+        overrides["controller_address"] = args.controller_address
+    agent = make_agent(agent_path, agent_raw, **overrides)
+    icl_num = cfg.icl_num if args.icl_num is None else args.icl_num
+
+    tasks = shard(cfg.make_loader().load(args.split), args.part_num, args.part_idx)
+    if args.max_tasks is not None:
+        tasks = tasks[: args.max_tasks]
+    names = [task_filename(t.id) for t in tasks]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{cfg.path}: task ids map to clashing file names; ids must stay distinct after "
+                          "replacing characters other than letters, digits, '.', '-' and '_'")
+    out_dir = Path(args.output_path) if args.output_path else default_output_path(
+        agent.model_name, cfg.name, args.exp_name, args.split)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    records: dict[str, dict[str, Any] | None] = {t.id: None for t in tasks}
+    todo = []
+    for task, name in zip(tasks, names):
+        existing = None if args.override else read_result(out_dir / name)
+        if is_complete(existing):
+            records[task.id] = existing
+        else:
+            todo.append((task, name))
+    log.info("%s/%s: %d tasks in shard %d/%d, %d already done, %d to run -> %s", cfg.name, args.split, len(tasks),
+             args.part_idx, args.part_num, len(tasks) - len(todo), len(todo), out_dir)
+
+    instruction, icl_messages = cfg.instruction_text(), cfg.icl_messages()
+    run_meta = {"split": args.split, "task_config": cfg.name, "model_name": agent.model_name, "icl_num": icl_num,
+                "agent_class": agent_raw["agent_class"], "temperature": agent.temperature,
+                "max_new_tokens": agent.max_new_tokens}
+
+    def play(task, name):
+        record = run_episode(cfg, task, agent, icl_num, instruction, icl_messages, verbose=args.verbose,
+                             raise_env_errors=args.debug)
+        record["meta"].update(run_meta)
+        if _json_safe(task.data):
+            record["meta"]["task"] = task.data
+        write_json_atomic(out_dir / name, record)
+        return record
+
+    with logging_redirect_tqdm(), ThreadPoolExecutor(max_workers=args.num_workers) as pool, \
+            tqdm(total=len(todo), desc=f"{cfg.name}/{args.split}", unit="ep", dynamic_ncols=True) as bar:
+        futures = {pool.submit(play, task, name): task for task, name in todo}
+        try:
+            for future in as_completed(futures):
+                record = future.result()
+                records[record["id"]] = record
+                meta = record["meta"]
+                if is_infrastructure_failure(meta["terminate_reason"]):
+                    log.warning("task %s failed: %s", record["id"], meta["terminate_reason"])
+                bar.update()
+                done = [r for r in records.values() if r is not None]
+                bar.set_postfix(reward=f"{sum(r['meta']['reward'] for r in done) / len(done):.3f}")
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+    agent.close()
+
+    metrics = compute_metrics(list(records.values()), len(tasks))
+    metrics.update(run_meta, part_num=args.part_num, part_idx=args.part_idx, output_path=str(out_dir))
+    write_json_atomic(out_dir / metrics_filename(args.part_num, args.part_idx), metrics)
+    print(f"{cfg.name}/{args.split} ({metrics['num_tasks']} tasks): average reward {metrics['average_reward']:.4f}, "
+          f"success rate {metrics['success_rate']:.4f}, infrastructure failures "
+          f"{metrics['num_infrastructure_failures']} -> {out_dir}")
+    if metrics["num_infrastructure_failures"] or metrics["num_missing"]:
+        print(f"some episodes failed ({metrics['infrastructure_failures']}); rerun the same command to complete "
+              "them", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _json_safe(data: Any) -> bool:
+    try:
+        json.dumps(data)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""The episode loop, the per-task output files and the run's metrics.
+
+One episode: env.reset() gives the task text; the model sees the instruction,
+"OK", the 1-shot example and the task; then agent -> env.step -> observation
+until the env says done. The stored record has FastChat turns (instruction,
+"OK", task, then gpt/human turns; the example is left out).
+
+Failures end one episode with a `terminate_reason`, never the run:
+"context_overflow" (a result: the model cannot go on), "model_error: ..." and
+"env_error: ..." (infrastructure failures: the task is redone by a rerun).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+import threading
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from eval_agent.agents.base import Agent, ContextOverflowError, ModelError
+from eval_agent.config import TaskConfig
+from eval_agent.prompt import build_messages, record_turns
+from eval_agent.tasks.base import Task
+
+log = logging.getLogger(__name__)
+
+# terminate reasons that say nothing about the model's ability: a rerun redoes these tasks
+INFRASTRUCTURE_FAILURES = ("model_error", "env_error", "reset_timeout")
+_env_locks: dict[type, threading.Lock] = {}
+_env_locks_guard = threading.Lock()
+
+
+def is_infrastructure_failure(reason: str | None) -> bool:
+    return bool(reason) and reason.split(":", 1)[0].strip() in INFRASTRUCTURE_FAILURES
+
+
+def _env_lock(env_class: type):
+    """Envs whose class sets `thread_safe = False` have their reset/step calls serialised across threads."""
+    if getattr(env_class, "thread_safe", True):
+        return None
+    with _env_locks_guard:
+        return _env_locks.setdefault(env_class, threading.Lock())
+
+
+class _NoLock:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def run_episode(cfg: TaskConfig, task: Task, agent: Agent, icl_num: int, instruction: str,
+                icl_messages: list[dict[str, str]], verbose: bool = False,
+                raise_env_errors: bool = False) -> dict[str, Any]:
+    """Play one task; return {"id", "meta", "conversations"}.
+
+    Model and env failures end the episode with a terminate reason; with `raise_env_errors`
+    (--debug) an env exception propagates instead, traceback and all.
+    """
+    env_class = cfg.env_class()
+    lock = _env_lock(env_class) or _NoLock()
+    env = None
+    turns: list[dict[str, str]] = []
+    final_observation = None
+    try:
+        with lock:
+            env = env_class(task, max_steps=cfg.max_steps, **cfg.env_options)
+            first_observation = env.reset()
+        turns = record_turns(instruction, first_observation)
+        messages = build_messages(instruction, icl_messages, first_observation, icl_num)
+        _show(verbose, task, "task", first_observation)
+        while not env.state.finished:
+            try:
+                answer = agent(messages)
+            except ContextOverflowError:
+                env.terminate("context_overflow")
+                break
+            except ModelError as e:
+                env.terminate(f"model_error: {e}")
+                break
+            _show(verbose, task, "model", answer)
+            messages.append({"role": "assistant", "content": answer})
+            turns.append({"from": "gpt", "value": answer})
+            with lock:
+                observation, _, done, _ = env.step(answer)
+            _show(verbose, task, "env", observation)
+            if done:
+                final_observation = observation
+            else:
+                messages.append({"role": "user", "content": observation})
+                turns.append({"from": "human", "value": observation})
+    except Exception as e:  # a broken env must not end the run
+        if raise_env_errors:
+            raise
+        log.exception("task %s: environment error", task.id)
+        reason = f"env_error: {type(e).__name__}: {e}"
+        if env is None:
+            state = {"steps": 0, "reward": 0.0, "finished": True, "success": False, "terminate_reason": reason}
+        else:
+            env.terminate(reason)
+            state = env.state.to_dict()
+    else:
+        state = env.state.to_dict()
+    finally:
+        if env is not None:
+            try:
+                env.close()
+            except Exception:
+                log.exception("task %s: env.close() failed", task.id)
+    meta = {**state, "final_observation": final_observation}
+    return {"id": task.id, "meta": meta, "conversations": turns}
+
+
+def _show(verbose: bool, task: Task, who: str, text: str) -> None:
+    if verbose:
+        log.info("[%s] %s:\n%s", task.id, who, text)
+
+
+# -- output files ----------------------------------------------------------------------------
+
+def task_filename(task_id: str) -> str:
+    return re.sub(r"[^\w.\-]+", "_", str(task_id)) + ".json"
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write to a temp file in the same folder, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, ensure_ascii=False, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_result(path: Path) -> dict[str, Any] | None:
+    """The stored record, or None when missing or unreadable (a rerun then redoes the task)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("meta"), dict):
+        return None
+    return data
+
+
+def is_complete(record: dict[str, Any] | None) -> bool:
+    """A finished episode that did not end on an infrastructure failure is kept by reruns."""
+    if record is None:
+        return False
+    meta = record["meta"]
+    return bool(meta.get("finished")) and not is_infrastructure_failure(meta.get("terminate_reason"))
+
+
+# -- metrics ------------------------------------------------------------------------------------
+
+def compute_metrics(records: list[dict[str, Any] | None], num_tasks: int) -> dict[str, Any]:
+    """Average reward = sum of rewards / tasks in the shard (a missing record counts as 0), success rate likewise."""
+    metas = [r["meta"] for r in records if r is not None]
+    reasons = Counter(str(m.get("terminate_reason")) for m in metas)
+    kinds = Counter(_reason_kind(r) for r in reasons.elements())
+    infra = {k: n for k, n in kinds.items() if is_infrastructure_failure(k)}
+    examples = {}
+    for m in metas:  # one full message per failure kind, to see what went wrong without opening files
+        reason = str(m.get("terminate_reason"))
+        if is_infrastructure_failure(reason):
+            examples.setdefault(_reason_kind(reason), reason[:500])
+    total_reward = sum(float(m.get("reward") or 0.0) for m in metas)
+    successes = sum(bool(m.get("success")) for m in metas)
+    return {
+        "num_tasks": num_tasks,
+        "num_recorded": len(metas),
+        "num_missing": num_tasks - len(metas),
+        "average_reward": total_reward / num_tasks if num_tasks else 0.0,
+        "success_rate": successes / num_tasks if num_tasks else 0.0,
+        "num_success": successes,
+        "average_steps": sum(int(m.get("steps") or 0) for m in metas) / len(metas) if metas else 0.0,
+        "num_infrastructure_failures": sum(infra.values()),
+        "terminate_reasons": dict(sorted(kinds.items())),
+        "infrastructure_failures": dict(sorted(infra.items())),
+        "failure_examples": examples,
+    }
+
+
+def _reason_kind(reason: str) -> str:
+    """Group 'model_error: <details>' under 'model_error'."""
+    return reason.split(":", 1)[0].strip()

@@ -1,0 +1,87 @@
+"""Build a tiny random-weight Llama with a locally trained byte-level BPE tokenizer.
+
+    python -m fastchat.model.tiny --out models/tiny-llama [--hidden 128 --layers 2 --vocab 4096]
+
+Used by tests and the CI pipeline run: no hub access, a few million parameters,
+ChatML special tokens and chat template, so serving and training code paths are
+the same as with a real chat model. Deterministic for a given corpus and seed.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from fastchat.conversation import TEMPLATES, save_template_name
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHATML_JINJA = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+PROMPT_DIR = Path(__file__).resolve().parent.parent.parent / "eval_agent" / "prompt"
+
+
+def default_corpus() -> list[str]:
+    """Text the tokenizer learns its merges from: our prompt files plus a few agent-style lines."""
+    texts = [p.read_text(encoding="utf-8") for p in sorted(PROMPT_DIR.rglob("*")) if p.suffix in (".txt", ".json")]
+    texts.append("Thought: I should look around.\nAction: look around\nObservation: You see a table 1.\n"
+                 "search[red shoes] click[buy now] go to drawer 1 take apple 1 from table 1 OK")
+    return texts
+
+
+def build_tokenizer(corpus: list[str], vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None,
+        additional_special_tokens=["<|im_start|>"], chat_template=CHATML_JINJA, model_max_length=2048,
+    )
+
+
+def build_tiny_model(out_dir: str | Path, hidden: int = 128, layers: int = 2, heads: int = 4,
+                     vocab_size: int = 4096, max_positions: int = 2048, seed: int = 0,
+                     corpus: list[str] | None = None) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(corpus or default_corpus(), vocab_size)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 11 // 4,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+        max_position_embeddings=max_positions, tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    save_template_name(out, TEMPLATES["chatml"])
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args()
+    out = build_tiny_model(a.out, a.hidden, a.layers, a.heads, a.vocab, seed=a.seed)
+    print(f"tiny model written to {out}")
+
+
+if __name__ == "__main__":
+    main()

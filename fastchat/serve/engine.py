@@ -1,0 +1,339 @@
+"""Continuous-batching generation engine for a transformers causal LM.
+
+One background thread owns the model. Each step it admits waiting requests
+(prefilled one by one, so a prompt's KV cache is exactly what it would be
+alone), merges them into the running batch by left-padding the shorter KV
+cache, then runs one decode forward pass for every running sequence together.
+Finished sequences leave the batch at once and the all-padding columns they
+leave behind are trimmed. Positions come from each row's own length, and the
+attention mask hides padding, so a row's greedy output does not depend on its
+neighbours. `max_batch_size=1` gives one-request-at-a-time serving.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+                          TopKLogitsWarper, TopPLogitsWarper)
+
+from fastchat.constants import ErrorCode
+
+log = logging.getLogger(__name__)
+
+
+class GenerationError(Exception):
+    def __init__(self, error_code: int, message: str):
+        super().__init__(message)
+        self.error_code = error_code
+
+    def chunk(self) -> dict:
+        return {"text": f"NETWORK ERROR DUE TO HIGH TRAFFIC. PLEASE REGENERATE OR REFRESH THIS PAGE. ({self})"
+                if self.error_code == ErrorCode.INTERNAL_ERROR else str(self),
+                "error_code": self.error_code}
+
+
+@dataclass
+class GenParams:
+    """FastChat's worker request parameters."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    repetition_penalty: float = 1.0
+    max_new_tokens: int = 256
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    echo: bool = True
+    truncate: bool = True  # left-truncate an over-long prompt (FastChat's behaviour) instead of refusing it
+
+    @classmethod
+    def parse(cls, params: dict) -> "GenParams":
+        def num(name, kind, default, lo=None, hi=None):
+            v = params.get(name)
+            if v is None:
+                return default
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and float(v) != int(v)):
+                raise GenerationError(ErrorCode.VALIDATION_TYPE_ERROR, f"{name!r} must be a {kind.__name__}, got {v!r}")
+            v = kind(v)
+            if (lo is not None and v < lo) or (hi is not None and v > hi):
+                raise GenerationError(ErrorCode.PARAM_OUT_OF_RANGE, f"{name!r}={v} is out of range [{lo}, {hi}]")
+            return v
+
+        stop = params.get("stop") or []
+        stop = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+            raise GenerationError(ErrorCode.VALIDATION_TYPE_ERROR, "'stop' must be a string or a list of strings")
+        stop_ids = params.get("stop_token_ids") or []
+        if not isinstance(stop_ids, list) or not all(isinstance(i, int) for i in stop_ids):
+            raise GenerationError(ErrorCode.VALIDATION_TYPE_ERROR, "'stop_token_ids' must be a list of integers")
+        return cls(
+            temperature=num("temperature", float, 1.0, 0.0),
+            top_p=num("top_p", float, 1.0, 0.0, 1.0),
+            top_k=num("top_k", int, -1),
+            repetition_penalty=num("repetition_penalty", float, 1.0, 1e-6),
+            max_new_tokens=num("max_new_tokens", int, 256, 1),
+            stop=[s for s in stop if s], stop_token_ids=list(stop_ids),
+            echo=bool(params.get("echo", True)), truncate=bool(params.get("truncate", True)),
+        )
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < 1e-5 or self.top_p < 1e-8
+
+    def processors(self) -> LogitsProcessorList:
+        procs = LogitsProcessorList()
+        if self.repetition_penalty != 1.0:
+            procs.append(RepetitionPenaltyLogitsProcessor(self.repetition_penalty))
+        if not self.greedy:
+            if self.temperature != 1.0:
+                procs.append(TemperatureLogitsWarper(self.temperature))
+            if self.top_p < 1.0:
+                procs.append(TopPLogitsWarper(self.top_p))
+            if self.top_k > 0:
+                procs.append(TopKLogitsWarper(self.top_k))
+        return procs
+
+
+class Sequence:
+    def __init__(self, prompt: str, ids: list[int], params: GenParams, truncated: int, sink: Callable[[dict], None]):
+        self.prompt, self.prompt_ids, self.params, self.truncated, self.sink = prompt, ids, params, truncated, sink
+        self.output_ids: list[int] = []
+        self.text = ""          # decoded output, cut at a stop string
+        self.sent = None        # last visible text sent
+        self.finish_reason: str | None = None
+        self.cancelled = False
+        self.processors = params.processors()
+
+    def usage(self) -> dict:
+        n = len(self.output_ids)
+        return {"prompt_tokens": len(self.prompt_ids), "completion_tokens": n,
+                "total_tokens": len(self.prompt_ids) + n}
+
+
+class BatchingEngine:
+    def __init__(self, model, tokenizer, context_len: int, max_batch_size: int = 8):
+        self.model, self.tokenizer = model, tokenizer
+        self.context_len, self.max_batch_size = context_len, max(1, max_batch_size)
+        self.device = next(model.parameters()).device
+        self.eos_token_id = tokenizer.eos_token_id
+        self._waiting: deque[Sequence] = deque()
+        self._running: list[Sequence] = []
+        self._cache = None           # DynamicCache of the running batch (rows = self._running)
+        self._mask: torch.Tensor | None = None  # [B, L] 1 = real token, 0 = left padding
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    # ---- submission -------------------------------------------------------------------------
+    def submit(self, params: dict, sink: Callable[[dict], None]) -> Sequence:
+        """Validate and queue a request; chunks go to `sink` from the engine thread."""
+        prompt = params.get("prompt")
+        if not isinstance(prompt, str):
+            raise GenerationError(ErrorCode.VALIDATION_TYPE_ERROR, "'prompt' must be a string")
+        gp = GenParams.parse(params)
+        if self.eos_token_id is not None and self.eos_token_id not in gp.stop_token_ids:
+            gp.stop_token_ids.append(self.eos_token_id)
+        ids = self.tokenizer(prompt).input_ids
+        if not ids:
+            raise GenerationError(ErrorCode.VALIDATION_TYPE_ERROR, "the prompt is empty")
+        budget = self.context_len - gp.max_new_tokens
+        truncated = 0
+        if budget < 1:
+            raise GenerationError(ErrorCode.CONTEXT_OVERFLOW,
+                                  f"This model's maximum context length is {self.context_len} tokens; "
+                                  f"max_new_tokens={gp.max_new_tokens} leaves no room for the prompt.")
+        if len(ids) > budget:
+            if not gp.truncate:
+                raise GenerationError(ErrorCode.CONTEXT_OVERFLOW,
+                                      f"This model's maximum context length is {self.context_len} tokens. However, "
+                                      f"the prompt has {len(ids)} tokens and max_new_tokens is {gp.max_new_tokens}. "
+                                      "Please reduce the length of the messages.")
+            truncated = len(ids) - budget
+            ids = ids[-budget:]
+            log.warning("prompt of %d tokens truncated from the left by %d to fit the context of %d with "
+                        "max_new_tokens=%d", len(ids) + truncated, truncated, self.context_len, gp.max_new_tokens)
+        seq = Sequence(prompt, ids, gp, truncated, sink)
+        with self._wake:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="generation", daemon=True)
+                self._thread.start()
+            self._waiting.append(seq)
+            self._wake.notify()
+        return seq
+
+    def cancel(self, seq: Sequence) -> None:
+        seq.cancelled = True
+
+    def queue_length(self) -> int:
+        return len(self._waiting) + len(self._running)
+
+    def count_tokens(self, prompt: str) -> int:
+        return len(self.tokenizer(prompt).input_ids)
+
+    def generate_stream(self, params: dict) -> Iterator[dict]:
+        """Blocking iterator over chunks (for in-process use such as the CLI)."""
+        q: queue.Queue = queue.Queue()
+        try:
+            seq = self.submit(params, q.put)
+        except GenerationError as e:
+            yield e.chunk()
+            return
+        try:
+            while True:
+                chunk = q.get()
+                yield chunk
+                if chunk.get("finish_reason") or chunk["error_code"]:
+                    return
+        finally:
+            self.cancel(seq)
+
+    async def agenerate_stream(self, params: dict):
+        """Async iterator over chunks (for the HTTP worker); cancels the request if the consumer goes away."""
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        try:
+            seq = self.submit(params, lambda c: loop.call_soon_threadsafe(q.put_nowait, c))
+        except GenerationError as e:
+            yield e.chunk()
+            return
+        try:
+            while True:
+                chunk = await q.get()
+                yield chunk
+                if chunk.get("finish_reason") or chunk["error_code"]:
+                    return
+        finally:
+            self.cancel(seq)
+
+    # ---- generation loop --------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._waiting and not self._running:
+                    self._wake.wait()
+                newcomers = []
+                while self._waiting and len(self._running) + len(newcomers) < self.max_batch_size:
+                    newcomers.append(self._waiting.popleft())
+            try:
+                with torch.inference_mode():
+                    for seq in newcomers:
+                        if not seq.cancelled:
+                            self._prefill(seq)
+                    self._drop_finished()
+                    if self._running:
+                        self._decode_step()
+                        self._drop_finished()
+            except Exception as e:  # a failed step fails its requests, never the worker
+                log.exception("generation step failed")
+                err = GenerationError(ErrorCode.INTERNAL_ERROR, f"{type(e).__name__}: {e}").chunk()
+                for seq in self._running + [s for s in newcomers if s not in self._running]:
+                    if seq.finish_reason is None:
+                        seq.sink(err)
+                self._running, self._cache, self._mask = [], None, None
+
+    def _prefill(self, seq: Sequence) -> None:
+        ids = torch.tensor([seq.prompt_ids], device=self.device)
+        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        self._advance([seq], out.logits[:, -1, :])
+        if seq.finish_reason is not None:
+            return
+        cache, mask = out.past_key_values, torch.ones_like(ids)
+        if self._cache is None:
+            self._cache, self._mask = cache, mask
+        else:
+            width = max(self._mask.shape[1], mask.shape[1])
+            for mine, new in zip(self._cache.layers, cache.layers):
+                mine.keys = torch.cat([_left_pad(mine.keys, width), _left_pad(new.keys, width)])
+                mine.values = torch.cat([_left_pad(mine.values, width), _left_pad(new.values, width)])
+            self._mask = torch.cat([F.pad(self._mask, (width - self._mask.shape[1], 0)),
+                                    F.pad(mask, (width - mask.shape[1], 0))])
+        self._running.append(seq)
+
+    def _decode_step(self) -> None:
+        seqs = self._running
+        input_ids = torch.tensor([[s.output_ids[-1]] for s in seqs], device=self.device)
+        positions = torch.tensor([[len(s.prompt_ids) + len(s.output_ids) - 1] for s in seqs], device=self.device)
+        mask = torch.cat([self._mask, self._mask.new_ones(len(seqs), 1)], dim=1)
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                         past_key_values=self._cache, use_cache=True)
+        self._cache, self._mask = out.past_key_values, mask
+        self._advance(seqs, out.logits[:, -1, :])
+
+    def _drop_finished(self) -> None:
+        keep = [i for i, s in enumerate(self._running) if s.finish_reason is None and not s.cancelled]
+        if len(keep) == len(self._running):
+            return
+        self._running = [self._running[i] for i in keep]
+        if not keep:
+            self._cache, self._mask = None, None
+            return
+        idx = torch.tensor(keep, device=self.device)
+        mask = self._mask[idx]
+        start = int(mask.any(dim=0).nonzero()[0])  # columns that are padding in every remaining row
+        for layer in self._cache.layers:
+            layer.keys = layer.keys[idx, :, start:]
+            layer.values = layer.values[idx, :, start:]
+        self._mask = mask[:, start:]
+
+    # ---- sampling and stopping --------------------------------------------------------------
+    def _advance(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        logits = logits.float()
+        if all(s.params.greedy and not s.processors for s in seqs):
+            tokens = logits.argmax(dim=-1).tolist()
+        else:
+            tokens = [self._sample(s, row.unsqueeze(0)) for s, row in zip(seqs, logits)]
+        for seq, tok in zip(seqs, tokens):
+            self._append(seq, tok)
+
+    def _sample(self, seq: Sequence, logits: torch.Tensor) -> int:
+        if seq.processors:
+            history = torch.tensor([seq.prompt_ids + seq.output_ids], device=logits.device)
+            logits = seq.processors(history, logits)
+        if seq.params.greedy:
+            return int(logits.argmax(dim=-1))
+        return int(torch.multinomial(torch.softmax(logits, dim=-1), 1))
+
+    def _append(self, seq: Sequence, tok: int) -> None:
+        p = seq.params
+        if tok in p.stop_token_ids:
+            seq.finish_reason = "stop"
+        else:
+            seq.output_ids.append(tok)
+            seq.text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+            for s in p.stop:
+                pos = seq.text.find(s)
+                if pos >= 0:
+                    seq.text, seq.finish_reason = seq.text[:pos], "stop"
+            if seq.finish_reason is None and (len(seq.output_ids) >= p.max_new_tokens or
+                                              len(seq.prompt_ids) + len(seq.output_ids) >= self.context_len):
+                seq.finish_reason = "length"
+        if seq.cancelled:
+            return
+        visible = seq.text if seq.finish_reason else _hold_back(seq.text, p.stop)
+        if visible == seq.sent and seq.finish_reason is None:
+            return
+        seq.sent = visible
+        chunk: dict[str, Any] = {"text": (seq.prompt + visible) if p.echo else visible, "error_code": 0,
+                                 "usage": seq.usage(), "finish_reason": seq.finish_reason}
+        if seq.truncated:
+            chunk["truncated_prompt_tokens"] = seq.truncated
+        seq.sink(chunk)
+
+
+def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
+    """Left-pad a [B, H, L, D] cache tensor along L to `width`."""
+    return F.pad(t, (0, 0, width - t.shape[2], 0))
+
+
+def _hold_back(text: str, stops: list[str]) -> str:
+    """Text safe to stream: without a trailing partial UTF-8 character or a possible stop-string prefix."""
+    text = text.rstrip("\ufffd")
+    held = max((k for s in stops for k in range(1, min(len(s) - 1, len(text)) + 1) if text.endswith(s[:k])),
+               default=0)
+    return text[:len(text) - held]
