@@ -25,9 +25,9 @@ from typing import Any
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from eval_agent.agents import load_agent_config, make_agent
+from eval_agent.agents import Agent, load_agent_config, make_agent
 from eval_agent.config import ConfigError, load_task_config
-from eval_agent.runner import (compute_metrics, is_complete, is_infrastructure_failure, read_result,
+from eval_agent.runner import (EnvPool, compute_metrics, is_complete, is_infrastructure_failure, read_result,
                                run_episode, task_filename, write_json_atomic)
 from eval_agent.tasks.base import shard
 
@@ -90,15 +90,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, agent: Agent | None = None, envs: EnvPool | None = None) -> int:
+    """Run the shard described by `args`. `agent` replaces the one built from --agent_config;
+    `envs` lends already started envs (left open)."""
     exp = args.exp_config
     cfg = load_task_config(Path(args.exp_path) / f"{exp}.yaml" if args.exp_path and not Path(exp).suffix else exp)
-    agent_path, agent_raw = load_agent_config(args.agent_config, args.agent_path)
-    overrides: dict[str, Any] = {"model_name": args.model_name, "temperature": args.temperature,
-                                 "max_new_tokens": args.max_new_tokens}
-    if args.controller_address:
-        overrides["controller_address"] = args.controller_address
-    agent = make_agent(agent_path, agent_raw, **overrides)
+    if agent is None:
+        agent_path, agent_raw = load_agent_config(args.agent_config, args.agent_path)
+        overrides: dict[str, Any] = {"model_name": args.model_name, "temperature": args.temperature,
+                                     "max_new_tokens": args.max_new_tokens}
+        if args.controller_address:
+            overrides["controller_address"] = args.controller_address
+        agent = make_agent(agent_path, agent_raw, **overrides)
+        agent_class = agent_raw["agent_class"]
+    else:
+        agent_class = type(agent).__name__
     icl_num = cfg.icl_num if args.icl_num is None else args.icl_num
 
     tasks = shard(cfg.make_loader().load(args.split), args.part_num, args.part_idx)
@@ -125,12 +131,15 @@ def run(args: argparse.Namespace) -> int:
 
     instruction, icl_messages = cfg.instruction_text(), cfg.icl_messages()
     run_meta = {"split": args.split, "task_config": cfg.name, "model_name": agent.model_name, "icl_num": icl_num,
-                "agent_class": agent_raw["agent_class"], "temperature": agent.temperature,
+                "agent_class": agent_class, "temperature": agent.temperature,
                 "max_new_tokens": agent.max_new_tokens}
 
+    own_envs = envs is None
+    envs = envs or EnvPool(cfg)
+
     def play(task, name):
-        record = run_episode(cfg, task, agent, icl_num, instruction, icl_messages, verbose=args.verbose,
-                             raise_env_errors=args.debug)
+        record = run_episode(cfg, task, agent, icl_num, instruction, icl_messages, envs=envs,
+                             verbose=args.verbose, raise_env_errors=args.debug)
         record["meta"].update(run_meta)
         if _json_safe(task.data):
             record["meta"]["task"] = task.data
@@ -140,6 +149,7 @@ def run(args: argparse.Namespace) -> int:
     with logging_redirect_tqdm(), ThreadPoolExecutor(max_workers=args.num_workers) as pool, \
             tqdm(total=len(todo), desc=f"{cfg.name}/{args.split}", unit="ep", dynamic_ncols=True) as bar:
         futures = {pool.submit(play, task, name): task for task, name in todo}
+        reward_sum, num_played = 0.0, 0
         try:
             for future in as_completed(futures):
                 record = future.result()
@@ -147,14 +157,17 @@ def run(args: argparse.Namespace) -> int:
                 meta = record["meta"]
                 if is_infrastructure_failure(meta["terminate_reason"]):
                     log.warning("task %s failed: %s", record["id"], meta["terminate_reason"])
+                reward_sum, num_played = reward_sum + meta["reward"], num_played + 1
+                bar.set_postfix(avg_reward=f"{reward_sum / num_played:.3f}", refresh=False)
                 bar.update()
-                done = [r for r in records.values() if r is not None]
-                bar.set_postfix(reward=f"{sum(r['meta']['reward'] for r in done) / len(done):.3f}")
         except BaseException:
             for f in futures:
                 f.cancel()
             raise
-    agent.close()
+        finally:
+            if own_envs:
+                envs.close_all()
+            agent.close()
 
     metrics = compute_metrics(list(records.values()), len(tasks))
     metrics.update(run_meta, part_num=args.part_num, part_idx=args.part_idx, output_path=str(out_dir))

@@ -18,6 +18,7 @@ import re
 import tempfile
 import threading
 from collections import Counter
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -30,46 +31,80 @@ log = logging.getLogger(__name__)
 
 # terminate reasons that say nothing about the model's ability: a rerun redoes these tasks
 INFRASTRUCTURE_FAILURES = ("model_error", "env_error", "reset_timeout")
-_env_locks: dict[type, threading.Lock] = {}
-_env_locks_guard = threading.Lock()
 
 
 def is_infrastructure_failure(reason: str | None) -> bool:
     return bool(reason) and reason.split(":", 1)[0].strip() in INFRASTRUCTURE_FAILURES
 
 
-def _env_lock(env_class: type):
-    """Envs whose class sets `thread_safe = False` have their reset/step calls serialised across threads."""
-    if getattr(env_class, "thread_safe", True):
-        return None
-    with _env_locks_guard:
-        return _env_locks.setdefault(env_class, threading.Lock())
+class EnvPool:
+    """One env instance per worker thread. Envs with `switch_task(task)` (ScienceWorld: one JVM) are
+    reused across that thread's tasks; others are built anew for each task and closed after it."""
 
+    def __init__(self, cfg: TaskConfig):
+        self.cfg = cfg
+        self.env_class = cfg.env_class()
+        # an env class that sets `thread_safe = False` has its calls serialised across threads
+        self.lock = nullcontext() if getattr(self.env_class, "thread_safe", True) else threading.Lock()
+        self._local = threading.local()
+        self._open: set = set()
+        self._guard = threading.Lock()
 
-class _NoLock:
-    def __enter__(self):
-        return self
+    def acquire(self, task: Task):
+        env = getattr(self._local, "env", None)
+        with self.lock:
+            if env is not None:
+                try:
+                    env.switch_task(task)
+                    return env
+                except Exception:
+                    self._local.env = None
+                    self._close(env)
+                    raise
+            env = self.env_class(task, max_steps=self.cfg.max_steps, **self.cfg.env_options)
+        with self._guard:
+            self._open.add(env)
+        return env
 
-    def __exit__(self, *exc):
-        return False
+    def release(self, env, healthy: bool) -> None:
+        """Keep a healthy reusable env for this thread's next task; close anything else."""
+        if healthy and hasattr(env, "switch_task"):
+            self._local.env = env
+            return
+        self._local.env = None
+        self._close(env)
+
+    def _close(self, env) -> None:
+        with self._guard:
+            self._open.discard(env)
+        try:
+            env.close()
+        except Exception:
+            log.exception("env.close() failed")
+
+    def close_all(self) -> None:
+        with self._guard:
+            envs = list(self._open)
+        for env in envs:
+            self._close(env)
 
 
 def run_episode(cfg: TaskConfig, task: Task, agent: Agent, icl_num: int, instruction: str,
-                icl_messages: list[dict[str, str]], verbose: bool = False,
+                icl_messages: list[dict[str, str]], envs: EnvPool | None = None, verbose: bool = False,
                 raise_env_errors: bool = False) -> dict[str, Any]:
     """Play one task; return {"id", "meta", "conversations"}.
 
     Model and env failures end the episode with a terminate reason; with `raise_env_errors`
-    (--debug) an env exception propagates instead, traceback and all.
+    (--debug) an unexpected exception propagates instead, traceback and all.
     """
-    env_class = cfg.env_class()
-    lock = _env_lock(env_class) or _NoLock()
+    pool = envs or EnvPool(cfg)
     env = None
+    healthy = False
     turns: list[dict[str, str]] = []
     final_observation = None
     try:
-        with lock:
-            env = env_class(task, max_steps=cfg.max_steps, **cfg.env_options)
+        env = pool.acquire(task)
+        with pool.lock:
             first_observation = env.reset()
         turns = record_turns(instruction, first_observation)
         messages = build_messages(instruction, icl_messages, first_observation, icl_num)
@@ -83,10 +118,16 @@ def run_episode(cfg: TaskConfig, task: Task, agent: Agent, icl_num: int, instruc
             except ModelError as e:
                 env.terminate(f"model_error: {e}")
                 break
+            except Exception as e:  # a bug in an agent class: still one failed episode, not a dead run
+                if raise_env_errors:
+                    raise
+                log.exception("task %s: the agent failed", task.id)
+                env.terminate(f"model_error: {type(e).__name__}: {e}")
+                break
             _show(verbose, task, "model", answer)
             messages.append({"role": "assistant", "content": answer})
             turns.append({"from": "gpt", "value": answer})
-            with lock:
+            with pool.lock:
                 observation, _, done, _ = env.step(answer)
             _show(verbose, task, "env", observation)
             if done:
@@ -94,6 +135,7 @@ def run_episode(cfg: TaskConfig, task: Task, agent: Agent, icl_num: int, instruc
             else:
                 messages.append({"role": "user", "content": observation})
                 turns.append({"from": "human", "value": observation})
+        healthy = True  # model failures leave the env usable; env exceptions do not
     except Exception as e:  # a broken env must not end the run
         if raise_env_errors:
             raise
@@ -108,10 +150,9 @@ def run_episode(cfg: TaskConfig, task: Task, agent: Agent, icl_num: int, instruc
         state = env.state.to_dict()
     finally:
         if env is not None:
-            try:
-                env.close()
-            except Exception:
-                log.exception("task %s: env.close() failed", task.id)
+            pool.release(env, healthy)
+        if envs is None:
+            pool.close_all()
     meta = {**state, "final_observation": final_observation}
     return {"id": task.id, "meta": meta, "conversations": turns}
 

@@ -76,6 +76,35 @@ def make_thought(action: str) -> str:
     return f"Next, I {a}."
 
 
+def shorten_gold_path(actions: list[str]) -> list[str]:
+    """Drop "open door to X" (doors start open under "easy") and replace each run of
+    "go to X" moves by one "teleport to <last room>"."""
+    out: list[str] = []
+    for action in actions:
+        if action.startswith("open door to "):
+            continue
+        if action.startswith("go to "):
+            room = action[len("go to "):]
+            if out and out[-1].startswith("teleport to "):
+                out.pop()
+            out.append(f"teleport to {room}")
+            continue
+        out.append(action)
+    return out
+
+
+def _replay(env, actions, instruction: str):
+    first = env.reset()
+    turns = record_turns(instruction, first)
+    for action in actions:
+        answer = f"Thought: {make_thought(action)}\nAction: {action}"
+        observation, _, done, _ = env.step(answer)
+        turns += [{"from": "gpt", "value": answer}, {"from": "human", "value": observation}]
+        if done:
+            break
+    return turns, env.state
+
+
 def _worker_play(args: tuple[dict, int, str]) -> dict:
     """Replay the gold path of one task; return a record (kept) or a drop reason."""
     global _ENV
@@ -90,15 +119,11 @@ def _worker_play(args: tuple[dict, int, str]) -> dict:
         else:
             _ENV.switch_task(task)
         gold = _ENV.gold_actions()
-        first = _ENV.reset()
-        turns = record_turns(instruction, first)
-        for action in gold:
-            answer = f"Thought: {make_thought(action)}\nAction: {action}"
-            observation, _, done, _ = _ENV.step(answer)
-            turns += [{"from": "gpt", "value": answer}, {"from": "human", "value": observation}]
-            if done:
+        # The shortened path first (it fits the step limits far more often), the raw one if it fails.
+        for actions in dict.fromkeys([tuple(shorten_gold_path(gold)), tuple(gold)]):
+            turns, state = _replay(_ENV, actions, instruction)
+            if state.success:
                 break
-        state = _ENV.state
     except Exception as e:  # one broken task must not stop the build
         return {"id": task.id, "kept": False, "reason": f"error: {type(e).__name__}: {e}"[:300],
                 "seconds": time.time() - start}
@@ -106,9 +131,11 @@ def _worker_play(args: tuple[dict, int, str]) -> dict:
     if state.success and state.reward == 1.0:
         out.update(kept=True, record={"id": task.id, "conversations": turns, "reward": state.reward,
                                       "task_name": task.data["task_name"], "variation": task.data["variation"],
-                                      "steps": state.steps})
+                                      "steps": state.steps,
+                                      "expert": "gold" if list(actions) == gold else "gold-shortened"})
     else:
         reason = state.terminate_reason or f"gold path ended unfinished ({len(gold)} actions)"
+        reason += f" (gold path {len(gold)} actions, step limit {_ENV.max_steps})"
         out.update(kept=False, reason=reason)
     return out
 
@@ -125,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="default: $ETO_DATA_DIR/sciworld_sft.json")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--limit", type=int, default=None, help="only the first N tasks of the split")
+    p.add_argument("--time_budget", type=float, default=None,
+                   help="stop playing after this many seconds; writes what is kept so far, a rerun resumes")
     p.add_argument("--rebuild", action="store_true", help="build ours even if the official file exists")
     args = p.parse_args(argv)
     start = time.time()
@@ -164,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
                 log.flush()
                 if i % 50 == 0:
                     print(f"  {i}/{len(jobs)} played ({time.time() - start:.0f} s)", flush=True)
+                if args.time_budget and time.time() - start > args.time_budget:
+                    print(f"time budget of {args.time_budget:.0f} s spent: stopping; rerun to resume", flush=True)
+                    return
 
         if args.workers > 1 and len(jobs) > 1:
             with mp.get_context("spawn").Pool(args.workers) as pool:
@@ -171,10 +203,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             consume(map(_worker_play, jobs))
 
-    results = [done[t.id] for t in tasks]
+    results = [done[t.id] for t in tasks if t.id in done]
     kept = [r["record"] for r in results if r.get("kept")]
     _write_json_atomic(out, kept)
-    partial.unlink()
+    if len(results) == len(tasks):
+        partial.unlink()
+    else:
+        print(f"INCOMPLETE: {len(tasks) - len(results)} tasks not played yet; progress kept in {partial}")
 
     rewards = collections.Counter(f"{r['reward']:.2f}" for r in kept)
     reasons = collections.Counter(r["reason"].split(":")[0] if r["reason"].startswith("error") else r["reason"]

@@ -1,10 +1,10 @@
 """ALFWorld (text) episodes through the `alfworld` + `textworld` packages.
 
 Each episode plays one game file (`Task.data["game_file"]`, relative to $ALFWORLD_DATA)
-in a child process, so a reset or a step that hangs can be killed: a timed-out episode
+in a worker process, so a reset or a step that hangs can be killed: a timed-out episode
 ends with terminate_reason "reset_timeout" / "step_timeout" (a failed episode) and the
-run goes on. Children are forked from a forkserver that has textworld imported already,
-so starting one costs milliseconds, not the ~1.5 s of importing textworld.
+run goes on. Workers are pooled and reused across episodes, so the ~1.5 s of importing
+textworld is paid once per worker, not once per game.
 
 Why a reset could hang: asking TextWorld for `policy_commands` (the expert plan) runs
 the fast-downward planner on every reset and step; on some games (e.g. valid_seen
@@ -18,8 +18,15 @@ the format of the expert data built by scripts/build_alfworld_sft.py.
 """
 from __future__ import annotations
 
-import multiprocessing
+import atexit
+import json
+import os
 import re
+import select
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +61,7 @@ def match_command(command: str, admissible: list[str]) -> str:
     return normal
 
 
-# ---------------------------------------------------------------- child process side
+# ---------------------------------------------------------------- game worker process
 
 def _translate_once() -> None:
     """Cache fast-downward's PDDL->SAS translation for the game being played.
@@ -79,58 +86,133 @@ def _translate_once() -> None:
     fast_downward.pddl2sas = pddl2sas_once
 
 
-def _serve_game(conn, game_file: str, memory_limit_mb: int) -> None:
-    """Child process: load one game and answer ("reset",) / ("step", command) requests."""
-    if memory_limit_mb > 0:
+def _serve(memory_limit_mb: int) -> None:
+    """Worker main loop: JSON requests on stdin, one JSON reply line each on the original stdout.
+
+    {"op": "reset", "game_file": abs path} loads the game (if not loaded) and resets it;
+    {"op": "step", "command": str} plays one command. Replies: {"ok", "feedback", "won"} or
+    {"ok": false, "error"}.
+    """
+    if memory_limit_mb > 0:  # a runaway game dies with MemoryError instead of eating the machine
         import resource
         limit = memory_limit_mb * 1024 * 1024
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    try:
-        import textworld
-        from alfworld.agents.environment.alfred_tw_env import AlfredDemangler
+    replies = os.fdopen(os.dup(1), "w", encoding="utf-8")
+    os.dup2(2, 1)  # stray prints from the libraries must not corrupt the protocol
 
-        _translate_once()
-        infos = textworld.EnvInfos(won=True, admissible_commands=True)  # no policy_commands: see module doc
-        env = textworld.start(game_file, request_infos=infos, wrappers=[AlfredDemangler(shuffle=False)])
-        admissible: list[str] = []
-        while True:
-            request = conn.recv()
-            if request[0] == "reset":
-                state = env.reset()
-            elif request[0] == "step":
-                state, _, _ = env.step(match_command(request[1], admissible))
-            else:
-                break
-            admissible = list(state["admissible_commands"])
-            conn.send(("ok", state.feedback, bool(state["won"])))
-    except (EOFError, KeyboardInterrupt):
-        pass
-    except BaseException as e:  # report to the parent instead of dying silently
+    import fast_downward
+    import textworld
+    from alfworld.agents.environment.alfred_tw_env import AlfredDemangler
+
+    _translate_once()
+    infos = textworld.EnvInfos(won=True, admissible_commands=True)  # no policy_commands: see module doc
+    env, loaded, admissible = None, None, []
+    for line in sys.stdin:
         try:
-            conn.send(("error", f"{type(e).__name__}: {e}", False))
+            request = json.loads(line)
+            if request["op"] == "reset":
+                if request["game_file"] != loaded:
+                    if env is not None:
+                        env.close()
+                        fast_downward.close_lib(env.unwrapped.downward_lib)  # each game loads its own copy
+                    env, loaded = None, None
+                    env = textworld.start(request["game_file"], request_infos=infos,
+                                          wrappers=[AlfredDemangler(shuffle=False)])
+                    loaded = request["game_file"]
+                state = env.reset()
+            else:
+                state, _, _ = env.step(match_command(request["command"], admissible))
+            admissible = list(state["admissible_commands"])
+            reply = {"ok": True, "feedback": state.feedback, "won": bool(state["won"])}
+        except Exception as e:  # report to the parent, keep serving
+            reply = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+        replies.write(json.dumps(reply) + "\n")
+        replies.flush()
+
+
+class _Worker:
+    """A game worker process; it serves one game at a time and is reused across episodes."""
+
+    def __init__(self, memory_limit_mb: int):
+        self.memory_limit_mb = memory_limit_mb
+        self.games = 0
+        self._buffer = b""
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", __name__, "--serve", "--memory-limit-mb", str(memory_limit_mb)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def request(self, message: dict, timeout: float) -> dict | None:
+        """Send one request; the reply, or None when none came within `timeout` seconds."""
+        try:
+            self.process.stdin.write((json.dumps(message) + "\n").encode("utf-8"))
+            self.process.stdin.flush()
         except OSError:
-            pass
-    finally:
-        conn.close()
+            return {"ok": False, "error": "the game process died"}
+        deadline = time.monotonic() + timeout
+        fd = self.process.stdout.fileno()
+        while b"\n" not in self._buffer:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                return None
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                return {"ok": False, "error": "the game process died"}
+            self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return json.loads(line)
+
+    def kill(self) -> None:
+        if self.alive():
+            self.process.kill()
+        self.process.wait()
+        for stream in (self.process.stdin, self.process.stdout):
+            stream.close()
 
 
-def _context():
-    """forkserver with textworld preloaded (cheap children, safe with threads); spawn elsewhere."""
-    methods = multiprocessing.get_all_start_methods()
-    if "forkserver" not in methods:
-        return multiprocessing.get_context("spawn")
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["textworld", "alfworld.agents.environment.alfred_tw_env", __name__])
-    return ctx
+_IDLE: list[_Worker] = []
+_IDLE_LOCK = threading.Lock()
+MAX_IDLE_WORKERS = 8
+GAMES_PER_WORKER = 25  # TextWorld keeps some memory per game; a fresh worker now and then bounds it
 
 
-# ---------------------------------------------------------------- parent side
+def _acquire_worker(memory_limit_mb: int) -> _Worker:
+    with _IDLE_LOCK:
+        while _IDLE:
+            worker = _IDLE.pop()
+            if worker.alive() and worker.memory_limit_mb == memory_limit_mb:
+                return worker
+            worker.kill()
+    return _Worker(memory_limit_mb)
+
+
+def _release_worker(worker: _Worker) -> None:
+    with _IDLE_LOCK:
+        if worker.alive() and worker.games < GAMES_PER_WORKER and len(_IDLE) < MAX_IDLE_WORKERS:
+            _IDLE.append(worker)
+            return
+    worker.kill()
+
+
+@atexit.register
+def _stop_idle_workers() -> None:
+    with _IDLE_LOCK:
+        while _IDLE:
+            _IDLE.pop().kill()
+
+
+# ---------------------------------------------------------------- the environment
 
 class AlfWorldEnv(BaseEnv):
     """One ALFWorld game. Reward = won (1/0).
 
     env_options: reset_timeout (s, default 120), step_timeout (s, default 30),
     memory_limit_mb (address-space cap of the game process, default 4096; 0 = none).
+    A reset or step that times out (or a game process that fails) ends the episode with
+    terminate_reason "reset_timeout" / "step_timeout" / "env_error"; reset() then returns
+    a message saying so and `state.finished` is already True.
     """
 
     def __init__(self, task: Any, max_steps: int = 40, reset_timeout: float = 120.0,
@@ -139,9 +221,7 @@ class AlfWorldEnv(BaseEnv):
         self.reset_timeout = float(reset_timeout)
         self.step_timeout = float(step_timeout)
         self.memory_limit_mb = int(memory_limit_mb)
-        self._process = None
-        self._conn = None
-        self._failure_text = ""
+        self._worker: _Worker | None = None
 
     @property
     def game_file(self) -> Path:
@@ -149,69 +229,51 @@ class AlfWorldEnv(BaseEnv):
         return path if path.is_absolute() else alfworld_data_dir() / path
 
     def _reset(self) -> str:
-        self.close()
         if not self.game_file.exists():
             raise FileNotFoundError(f"task {self.task.id}: game file {self.game_file} not found "
-                                    f"(is $ALFWORLD_DATA set? see setup.sh)")
-        ctx = _context()
-        self._conn, child_conn = ctx.Pipe()
-        self._process = ctx.Process(target=_serve_game, daemon=True, name=f"alfworld-{self.task.id}",
-                                    args=(child_conn, str(self.game_file), self.memory_limit_mb))
-        self._process.start()
-        child_conn.close()
-        reply = self._request(("reset",), self.reset_timeout, "reset")
-        if reply is None:
-            return self._failure_text
-        return task_text(reply[0])
+                                    f"(set $ALFWORLD_DATA or run setup.sh)")
+        if self._worker is None:
+            self._worker = _acquire_worker(self.memory_limit_mb)
+            self._worker.games += 1
+        ok, text, _ = self._request({"op": "reset", "game_file": str(self.game_file)}, self.reset_timeout, "reset")
+        return task_text(text) if ok else text
 
     def _act(self, action: str) -> tuple[str, float, bool, bool]:
-        reply = self._request(("step", action), self.step_timeout, "step")
+        ok, text, won = self._request({"op": "step", "command": action}, self.step_timeout, "step")
+        if not ok:
+            return text, 0.0, False, False  # the episode has been terminated already
+        return format_observation(text), float(won), won, won
+
+    def _request(self, message: dict, timeout: float, kind: str) -> tuple[bool, str, bool]:
+        """(True, feedback, won), or (False, what went wrong, False) after ending the episode."""
+        reply = self._worker.request(message, timeout)
+        if reply is not None and reply["ok"]:
+            return True, reply["feedback"], bool(reply["won"])
         if reply is None:
-            return self._failure_text, 0.0, False, False  # the episode was terminated already
-        feedback, won = reply
-        return format_observation(feedback), float(won), won, won
-
-    def _request(self, message: tuple, timeout: float, kind: str) -> tuple[str, bool] | None:
-        """Send a request to the game process; on timeout or crash end the episode and return None."""
-        try:
-            self._conn.send(message)
-            if not self._conn.poll(timeout):
-                self._fail(f"{kind}_timeout", f"The game did not answer the {kind} within {timeout:g} s; "
-                                              "the episode ends.")
-                return None
-            status, text, won = self._conn.recv()
-        except (EOFError, OSError):
-            status, text, won = "error", "the game process died", False
-        if status != "ok":
-            self._fail("env_error", f"The game failed during {kind} ({text}); the episode ends.")
-            return None
-        return text, won
-
-    def _fail(self, reason: str, text: str) -> None:
-        self._failure_text = text
-        self.close(kill=True)
+            reason, text = f"{kind}_timeout", f"The game did not answer the {kind} within {timeout:g} s."
+        else:
+            reason, text = "env_error", f"The game failed during the {kind}: {reply['error']}."
+        self._worker.kill()  # a worker that timed out or failed is not reused
+        self._worker = None
         self.terminate(reason)
+        return False, text + " The episode ends.", False
 
-    def close(self, kill: bool = False) -> None:
-        """Stop the game process (politely, unless `kill`: a hung game gets no say)."""
-        if self._conn is not None:
-            if not kill:
-                try:
-                    self._conn.send(("close",))
-                except OSError:
-                    pass
-            self._conn.close()
-            self._conn = None
-        if self._process is not None:
-            if not kill:
-                self._process.join(timeout=1.0)
-            if self._process.is_alive():
-                self._process.kill()
-                self._process.join(timeout=5.0)
-            self._process = None
+    def close(self) -> None:
+        if self._worker is not None:
+            _release_worker(self._worker)
+            self._worker = None
 
     def __del__(self):
         try:
             self.close()
         except Exception:
             pass
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="ALFWorld game worker (started by AlfWorldEnv).")
+    parser.add_argument("--serve", action="store_true", required=True)
+    parser.add_argument("--memory-limit-mb", type=int, default=0)
+    _serve(parser.parse_args().memory_limit_mb)

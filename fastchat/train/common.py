@@ -1,0 +1,159 @@
+"""Flags, model loading, LoRA and saving shared by the SFT and DPO trainers."""
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.trainer_utils import SaveStrategy
+
+from fastchat.constants import default_model_path
+from fastchat.conversation import save_template_name, template_for_model
+
+logger = logging.getLogger("fastchat.train")
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(default_factory=lambda: str(default_model_path()),
+                                    metadata={"help": "model folder (default: the embedded SmolLM2-135M-Instruct)"})
+    conv_template: str | None = field(default=None, metadata={
+        "help": "chat template name (chatml, smollm2, llama-2, vicuna_v1.1, ... or 'hf'); default: the model "
+                "folder's eto_template.txt, then the model's name, then the tokenizer's own template"})
+    lora: bool = field(default=False, metadata={"help": "train a LoRA adapter (peft) instead of all weights"})
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_target_modules: str = field(default="all-linear", metadata={"help": "comma list or 'all-linear'"})
+    merge: bool = field(default=True, metadata={
+        "help": "with --lora, save the merged model (--no_merge saves the adapter; merge later with "
+                "python -m fastchat.train.merge_lora)"})
+
+
+@dataclass
+class DataArguments:
+    data_path: str = field(default=None, metadata={"help": "training data (JSON list)"})
+    max_samples: int | None = field(default=None, metadata={"help": "use only the first N records"})
+
+
+@dataclass
+class EtoTrainingArguments(transformers.TrainingArguments):
+    """transformers' TrainingArguments with FastChat-style additions and CPU-safe defaults."""
+
+    model_max_length: int = field(default=2048, metadata={
+        "help": "sequences are cut from the right to this many tokens"})
+    warmup_ratio: float = field(default=0.0, metadata={"help": "linear warmup over this fraction of steps"})
+    save_strategy: SaveStrategy | str = field(default="no", metadata={
+        "help": "checkpoint strategy during training: no, steps, epoch (the final model is always saved)"})
+    logging_steps: float = 10
+    remove_unused_columns: bool = False
+
+    def __post_init__(self):
+        if self.deepspeed:
+            check_deepspeed()
+        if not torch.cuda.is_available():
+            if self.bf16 or self.fp16:
+                logger.warning("no CUDA GPU: training in fp32 (ignoring --bf16/--fp16; bf16 matmuls are very slow "
+                               "on CPU)")
+            self.bf16 = self.fp16 = False
+            self.dataloader_pin_memory = False
+        if self.warmup_ratio and not self.warmup_steps:
+            self.warmup_steps = self.warmup_ratio  # transformers reads a float < 1 as a ratio of all steps
+        super().__post_init__()
+
+
+def check_deepspeed() -> None:
+    """DeepSpeed is optional and imported lazily; say clearly what is missing."""
+    if importlib.util.find_spec("deepspeed") is None:
+        raise SystemExit("--deepspeed was given but DeepSpeed is not installed. It needs CUDA GPUs: "
+                         "`pip install deepspeed` on a GPU machine, or drop --deepspeed to train without it "
+                         "(on CPU, plain fp32 training).")
+    if not torch.cuda.is_available():
+        raise SystemExit("--deepspeed was given but no CUDA GPU is visible; DeepSpeed ZeRO needs GPUs. "
+                         "Drop --deepspeed to train on CPU.")
+
+
+def setup_logging(args: transformers.TrainingArguments) -> None:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    transformers.utils.logging.set_verbosity_warning()
+
+
+def load_tokenizer_and_template(model_args: ModelArguments):
+    path = model_args.model_name_or_path
+    if not Path(path).is_dir():
+        raise SystemExit(f"--model_name_or_path {path}: no such model folder (models are never downloaded here)")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    template = template_for_model(path, model_args.conv_template, tokenizer)
+    logger.info("chat template: %s", template.name)
+    return tokenizer, template
+
+
+def load_model(path: str, args: EtoTrainingArguments):
+    """Weights in fp32 (on GPU, --bf16 autocasts; DeepSpeed keeps fp32 master weights itself)."""
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model.config.use_cache = False
+    return model
+
+
+def apply_lora(model, model_args: ModelArguments, args: EtoTrainingArguments):
+    from peft import LoraConfig, get_peft_model
+
+    targets = model_args.lora_target_modules
+    config = LoraConfig(r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
+                        target_modules=targets if targets == "all-linear" else targets.split(","),
+                        task_type="CAUSAL_LM")
+    if args.gradient_checkpointing:
+        model.enable_input_require_grads()  # checkpointed frozen embeddings would otherwise cut the graph
+    model = get_peft_model(model, config)
+    model.print_trainable_parameters()
+    return model
+
+
+def save_trained(trainer: transformers.Trainer, tokenizer, template, model_args: ModelArguments, output_dir) -> None:
+    """Save a loadable model folder: weights (merged LoRA by default), tokenizer, eto_template.txt."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    out = Path(output_dir)
+    model = trainer.model
+    merge = model_args.lora and model_args.merge
+    if merge and is_deepspeed_zero3_enabled():
+        logger.warning("LoRA under ZeRO-3: saving the adapter; merge it with fastchat.train.merge_lora")
+        merge = False
+    if merge:
+        merged = trainer.accelerator.unwrap_model(model).merge_and_unload()
+        if trainer.is_world_process_zero():
+            merged.save_pretrained(out)
+    else:
+        trainer.save_model(str(out))
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(out)
+        save_template_name(out, template)
+        if model_args.lora and not merge:
+            logger.info("saved the LoRA adapter to %s; merge it into a full model with:\n  python -m "
+                        "fastchat.train.merge_lora --base %s --adapter %s --output_dir %s-merged",
+                        out, model_args.model_name_or_path, out, out)
+        else:
+            logger.info("saved the model, tokenizer and chat template name to %s", out)
+
+
+def peak_memory() -> dict[str, float]:
+    """Peak resident memory of this process, and peak CUDA memory allocated when on GPU (MiB)."""
+    import resource
+
+    mem = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # KiB on Linux
+    if torch.cuda.is_available():
+        mem["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return mem
+
+
+def write_summary(output_dir, **fields) -> None:
+    """<output_dir>/train_summary.json: sizes, timings and peak memory of the run."""
+    from fastchat.train.data import atomic_write_json
+
+    atomic_write_json(Path(output_dir) / "train_summary.json", {**fields, **peak_memory()})

@@ -1,0 +1,207 @@
+"""Training data: validation of SFT/DPO files, assistant-only labels, collators.
+
+Every conversation is rendered with `fastchat.conversation` (the same templates
+as serving) and labelled from token offsets: a token is supervised exactly when
+it lies inside an assistant turn (its text and end-of-turn marker). Everything
+else (system/user/observation turns, role headers) gets label -100.
+
+Sequences longer than `max_length` are cut from the right (the end of the
+conversation is dropped). Samples that cannot be labelled exactly, or that have
+no supervised token left after the cut, are skipped and reported by id and
+reason (`Skipped`), never dropped silently.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from eval_agent.prompt import turns_to_messages
+from fastchat.conversation import MaskError, TemplateError, render, tokenize_with_mask
+
+IGNORE_INDEX = -100
+
+
+class DataError(ValueError):
+    """A malformed training file; the message names the file and the record."""
+
+
+class SkipSample(Exception):
+    """A well-formed sample that cannot be trained on (the reason is reported)."""
+
+
+@dataclass
+class Skipped:
+    index: int
+    id: Any
+    reason: str
+
+
+def load_json_list(path: str | Path) -> list:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+    return data
+
+
+def _where(path, index: int, record) -> str:
+    rid = record.get("id") if isinstance(record, dict) else None
+    return f"{path}: record {index}" + (f" (id={rid!r})" if rid is not None else "")
+
+
+def _turns(path, index, record, key: str) -> list[dict[str, str]]:
+    turns = record.get(key)
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{_where(path, index, record)}: field {key!r} must be a non-empty list of turns")
+    try:
+        return turns_to_messages(turns)
+    except ValueError as e:
+        raise DataError(f"{_where(path, index, record)}: field {key!r}: {e}") from None
+
+
+def load_sft_records(path: str | Path) -> list[dict]:
+    """Validated SFT records: {"id", "conversations": [{"from": "human"|"gpt", "value"}, ...]}."""
+    records = load_json_list(path)
+    for i, r in enumerate(records):
+        if not isinstance(r, dict):
+            raise DataError(f"{path}: record {i}: expected an object, got {type(r).__name__}")
+        messages = _turns(path, i, r, "conversations")
+        if not any(m["role"] == "assistant" for m in messages):
+            raise DataError(f"{_where(path, i, r)}: field 'conversations' has no 'gpt' turn to learn from")
+    return records
+
+
+def load_dpo_records(path: str | Path) -> list[dict]:
+    """Validated DPO records: {"id", "prompt": [turns], "chosen": [turns], "rejected": [turns]}."""
+    records = load_json_list(path)
+    for i, r in enumerate(records):
+        if not isinstance(r, dict):
+            raise DataError(f"{path}: record {i}: expected an object, got {type(r).__name__}")
+        prompt = _turns(path, i, r, "prompt")
+        if prompt[-1]["role"] != "user":
+            raise DataError(f"{_where(path, i, r)}: field 'prompt' must end with a 'human' turn")
+        for key in ("chosen", "rejected"):
+            if _turns(path, i, r, key)[0]["role"] != "assistant":
+                raise DataError(f"{_where(path, i, r)}: field {key!r} must start with a 'gpt' turn")
+    return records
+
+
+def encode_conversation(messages, tokenizer, template, max_length: int, supervise_from: int = 0) -> dict:
+    """input_ids and labels for one conversation, supervising the assistant turns from message
+    `supervise_from` on (earlier assistant turns, e.g. a DPO prompt's "OK", stay unsupervised)."""
+    try:
+        rendered = render(template, messages)
+    except TemplateError as e:
+        raise SkipSample(f"template: {e}") from None
+    skip_spans = sum(1 for m in messages[:supervise_from] if m["role"] == "assistant")
+    rendered.assistant_spans = rendered.assistant_spans[skip_spans:]
+    try:
+        ids, mask = tokenize_with_mask(tokenizer, rendered)
+    except MaskError as e:
+        raise SkipSample(f"mask: {e}") from None
+    ids, mask = ids[:max_length], mask[:max_length]
+    if not any(mask):
+        raise SkipSample(f"no assistant token within model_max_length={max_length} (sequence is {len(mask)}+ tokens)")
+    return {"input_ids": ids, "labels": [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]}
+
+
+def encode_sft(records, tokenizer, template, max_length: int) -> tuple[list[dict], list[Skipped]]:
+    dataset, skipped = [], []
+    for i, r in enumerate(records):
+        try:
+            dataset.append(encode_conversation(turns_to_messages(r["conversations"]), tokenizer, template, max_length))
+        except SkipSample as e:
+            skipped.append(Skipped(i, r.get("id"), str(e)))
+    return dataset, skipped
+
+
+def encode_dpo(records, tokenizer, template, max_length: int) -> tuple[list[dict], list[Skipped]]:
+    """Prompt + chosen and prompt + rejected, each labelled on the chosen/rejected assistant turns only."""
+    dataset, skipped = [], []
+    for i, r in enumerate(records):
+        prompt = turns_to_messages(r["prompt"])
+        item = {}
+        try:
+            for key in ("chosen", "rejected"):
+                enc = encode_conversation(prompt + turns_to_messages(r[key]), tokenizer, template, max_length,
+                                          supervise_from=len(prompt))
+                item[f"{key}_input_ids"], item[f"{key}_labels"] = enc["input_ids"], enc["labels"]
+        except SkipSample as e:
+            skipped.append(Skipped(i, r.get("id"), f"{key}: {e}"))
+            continue
+        dataset.append(item)
+    return dataset, skipped
+
+
+def atomic_write_json(path: str | Path, obj) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+    os.replace(tmp, path)
+
+
+def report_skipped(output_dir: str | Path, data_path, total: int, skipped: list[Skipped], log=print) -> Path:
+    """Print a summary of skipped samples and write them to <output_dir>/skipped_samples.json."""
+    out = Path(output_dir) / "skipped_samples.json"
+    atomic_write_json(out, {"data_path": str(data_path), "total": total, "skipped": [asdict(s) for s in skipped]})
+    log(f"data: {total - len(skipped)}/{total} samples usable, {len(skipped)} skipped (listed in {out})")
+    for s in skipped[:10]:
+        log(f"  skipped record {s.index} (id={s.id!r}): {s.reason}")
+    if len(skipped) > 10:
+        log(f"  ... and {len(skipped) - 10} more")
+    return out
+
+
+def _pad(seqs: list[list[int]], value: int, length: int) -> torch.Tensor:
+    return torch.tensor([s + [value] * (length - len(s)) for s in seqs], dtype=torch.long)
+
+
+class SFTCollator:
+    """Right-pads a batch; padding is masked out of attention and labels."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        length = max(len(x["input_ids"]) for x in items)
+        ids = [x["input_ids"] for x in items]
+        return {
+            "input_ids": _pad(ids, self.pad_token_id, length),
+            "attention_mask": _pad([[1] * len(s) for s in ids], 0, length),
+            "labels": _pad([x["labels"] for x in items], IGNORE_INDEX, length),
+        }
+
+
+class DPOCollator:
+    """Stacks chosen (first half) and rejected (second half) sequences, padded to one length,
+    so both go through the model in a single forward pass."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        ids = [x["chosen_input_ids"] for x in items] + [x["rejected_input_ids"] for x in items]
+        labels = [x["chosen_labels"] for x in items] + [x["rejected_labels"] for x in items]
+        length = max(len(s) for s in ids)
+        batch = {
+            "input_ids": _pad(ids, self.pad_token_id, length),
+            "attention_mask": _pad([[1] * len(s) for s in ids], 0, length),
+            "labels": _pad(labels, IGNORE_INDEX, length),
+        }
+        if "ref_chosen_logps" in items[0]:
+            batch["ref_chosen_logps"] = torch.tensor([x["ref_chosen_logps"] for x in items], dtype=torch.float32)
+            batch["ref_rejected_logps"] = torch.tensor([x["ref_rejected_logps"] for x in items], dtype=torch.float32)
+        return batch

@@ -1,0 +1,66 @@
+"""Supervised fine-tuning on agent trajectories, with loss on the assistant (gpt) turns only.
+
+    python -m fastchat.train.train \\
+        --model_name_or_path models/SmolLM2-135M-Instruct --data_path data/webshop_sft.json \\
+        --output_dir outputs/webshop-sft --num_train_epochs 3 --per_device_train_batch_size 4 \\
+        --gradient_accumulation_steps 4 --learning_rate 2e-5 --lr_scheduler_type cosine --warmup_ratio 0.03 \\
+        --model_max_length 2048 [--bf16] [--gradient_checkpointing] [--lora --lora_r 8] \\
+        [--deepspeed fastchat/train/configs/zero2.json]
+
+Multi-GPU: `torchrun --nproc_per_node 8 -m fastchat.train.train ... --deepspeed fastchat/train/configs/zero3.json`
+or `accelerate launch --config_file fastchat/train/configs/fsdp.yaml -m fastchat.train.train ...`.
+All transformers TrainingArguments flags are accepted. Writes the model, tokenizer, eto_template.txt,
+trainer_state.json (loss log) and skipped_samples.json to --output_dir.
+"""
+from __future__ import annotations
+
+import sys
+
+import transformers
+from transformers import HfArgumentParser, Trainer
+
+from fastchat.train.common import (DataArguments, EtoTrainingArguments, ModelArguments, apply_lora,
+                                   load_model, load_tokenizer_and_template, logger, save_trained, setup_logging, write_summary)
+from fastchat.train.data import DataError, SFTCollator, encode_sft, load_sft_records, report_skipped
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = HfArgumentParser((ModelArguments, DataArguments, EtoTrainingArguments))
+    model_args, data_args, args = parser.parse_args_into_dataclasses(args=argv)
+    setup_logging(args)
+    if not data_args.data_path:
+        raise SystemExit("--data_path is required")
+    transformers.set_seed(args.seed)
+
+    tokenizer, template = load_tokenizer_and_template(model_args)
+    try:
+        records = load_sft_records(data_args.data_path)
+    except DataError as e:
+        raise SystemExit(f"bad training data: {e}") from None
+    records = records[: data_args.max_samples] if data_args.max_samples else records
+    dataset, skipped = encode_sft(records, tokenizer, template, args.model_max_length)
+    if args.should_save:
+        report_skipped(args.output_dir, data_args.data_path, len(records), skipped, log=logger.info)
+    if not dataset:
+        raise SystemExit(f"{data_args.data_path}: no usable sample (see {args.output_dir}/skipped_samples.json)")
+    n_sup = sum(sum(t != -100 for t in x["labels"]) for x in dataset)
+    n_tok = sum(len(x["input_ids"]) for x in dataset)
+    logger.info("SFT on %d samples, %d tokens, %d supervised (assistant) tokens", len(dataset), n_tok, n_sup)
+
+    model = load_model(model_args.model_name_or_path, args)
+    if model_args.lora:
+        model = apply_lora(model, model_args, args)
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=SFTCollator(tokenizer.pad_token_id),
+                      processing_class=tokenizer)
+    result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    trainer.save_state()
+    save_trained(trainer, tokenizer, template, model_args, args.output_dir)
+    if trainer.is_world_process_zero():
+        write_summary(args.output_dir, samples=len(dataset), tokens_per_epoch=n_tok, supervised_tokens=n_sup,
+                      epochs=args.num_train_epochs, train_runtime_s=result.metrics.get("train_runtime"),
+                      train_loss=result.training_loss)
+    logger.info("done: train_loss=%.4f in %.1fs", result.training_loss, result.metrics.get("train_runtime", 0.0))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,284 @@
+"""The ETO loop: SFT -> evaluate -> (explore -> pairs -> DPO -> evaluate) x iterations -> summary.
+
+    bash run_eto.sh alfworld demo                                 # small budget, default model, CPU
+    bash run_eto.sh webshop my_exp /path/to/Llama-2-7b-chat outputs
+    python scripts/eto_pipeline.py sciworld exp1 MODEL SAVE --iterations 2 --num_workers 16
+
+Every stage runs as a subprocess with its log under <save>/<exp>/logs/<stage>.log; a failed stage stops
+the run with its name and log path. Serving processes (controller, model workers) are started per model,
+polled until they answer (never a fixed sleep) and stopped on success, failure or Ctrl-C. A finished stage
+writes <save>/<exp>/stages/<stage>.json; a rerun with the same exp_name skips finished stages, and an
+interrupted evaluation/exploration resumes episode by episode. Knobs: see --help (each flag also reads
+the environment variable named in its help).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "scripts"))
+
+from eto_services import Services, StageFailed  # noqa: E402
+from eto_summary import write_summary  # noqa: E402
+
+TASKS = ("webshop", "sciworld", "alfworld")
+DEMO = dict(sft_samples=24, sft_epochs=1, train_tasks=4, test_tasks=4, iterations=1, max_steps=10,
+            model_max_length=1024, sft_batch_size=2, grad_accum=2, dpo_batch_size=2, num_workers=4)
+
+
+def env_default(name: str, default, cast=str):
+    value = os.environ.get(name)
+    return default if value in (None, "") else cast(value)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("task", choices=TASKS)
+    p.add_argument("exp_name", help="run name; 'demo' applies a small CPU budget unless flags say otherwise")
+    p.add_argument("model_path", nargs="?", default=None, help="base model folder (default: the embedded model)")
+    p.add_argument("save_path", nargs="?", default="outputs", help="root of all outputs (default: outputs)")
+
+    def knob(flag, env, default, cast, text):
+        p.add_argument(flag, default=None, type=cast, help=f"{text} [env {env}; default {default}]")
+        return (flag.lstrip("-").replace("-", "_"), env, default, cast)
+
+    knobs = [
+        knob("--iterations", "ITERATIONS", 3, int, "exploration/DPO iterations"),
+        knob("--num_workers", "NUM_WORKERS", 8, int, "concurrent episodes per evaluation/exploration"),
+        knob("--explore_workers", "EXPLORE_WORKERS", 1, int, "model worker processes serving exploration"),
+        knob("--sft_lr", "SFT_LR", 2e-5, float, "SFT learning rate"),
+        knob("--sft_epochs", "SFT_EPOCHS", 3, int, "SFT epochs"),
+        knob("--sft_batch_size", "SFT_BATCH_SIZE", 4, int, "SFT per-device batch size"),
+        knob("--dpo_lrs", "DPO_LRS", "1e-6 5e-7", str, "DPO learning rate per iteration (the last repeats)"),
+        knob("--dpo_betas", "DPO_BETAS", "0.1 0.5", str, "DPO beta per iteration (the last repeats)"),
+        knob("--dpo_epochs", "DPO_EPOCHS", 3, int, "DPO epochs per iteration"),
+        knob("--dpo_batch_size", "DPO_BATCH_SIZE", 4, int, "DPO per-device batch size (pairs)"),
+        knob("--grad_accum", "GRAD_ACCUM", 4, int, "gradient accumulation steps (SFT and DPO)"),
+        knob("--model_max_length", "MODEL_MAX_LENGTH", 4096, int, "training sequence length"),
+        knob("--explore_temperature", "EXPLORE_TEMPERATURE", 0.0, float, "0 = greedy, as the original ran"),
+        knob("--max_steps", "MAX_STEPS", 0, int, "episode step limit (0 = the task config's)"),
+        knob("--train_tasks", "TRAIN_TASKS", 0, int, "explore only the first N train tasks (0 = all)"),
+        knob("--test_tasks", "TEST_TASKS", 0, int, "evaluate only the first N test tasks (0 = all)"),
+        knob("--sft_samples", "SFT_SAMPLES", 0, int, "use only the first N expert trajectories (0 = all)"),
+        knob("--lora", "LORA", 0, int, "1 = train LoRA adapters (merged after each stage)"),
+        knob("--gpus", "GPUS", "", str, "GPU ids, e.g. 0,1,2,3 (empty = CPU or whatever is visible)"),
+        knob("--deepspeed", "DEEPSPEED", "", str, "DeepSpeed config for multi-GPU training"),
+        knob("--sft_data", "SFT_DATA", "", str, "expert trajectories (default data/<task>_sft.json)"),
+    ]
+    args = p.parse_args(argv)
+    demo = args.exp_name == "demo"
+    for name, env, default, cast in knobs:
+        if getattr(args, name) is None:
+            fallback = DEMO.get(name, default) if demo else default
+            setattr(args, name, env_default(env, fallback, cast))
+    args.dpo_lrs = [float(x) for x in str(args.dpo_lrs).replace(",", " ").split()]
+    args.dpo_betas = [float(x) for x in str(args.dpo_betas).replace(",", " ").split()]
+    if args.model_path is None:
+        from fastchat.constants import default_model_path
+        args.model_path = str(default_model_path())
+    if not args.sft_data:
+        args.sft_data = str(REPO / "data" / f"{args.task}_sft.json")
+    # subprocesses run from the repository root: make user-relative paths absolute
+    for name in ("model_path", "sft_data", "deepspeed"):
+        value = getattr(args, name)
+        if value and Path(value).exists():
+            setattr(args, name, str(Path(value).resolve()))
+    return args
+
+
+class Pipeline:
+    def __init__(self, args: argparse.Namespace):
+        self.a = args
+        self.run_dir = Path(args.save_path).resolve() / args.exp_name
+        self.logs = self.run_dir / "logs"
+        self.stages = self.run_dir / "stages"
+        for d in (self.logs, self.stages):
+            d.mkdir(parents=True, exist_ok=True)
+        self.env = dict(os.environ)
+        if args.gpus:
+            self.env["CUDA_VISIBLE_DEVICES"] = args.gpus
+        self.services = Services(self.logs, self.env)
+
+    # --- stage bookkeeping -------------------------------------------------
+    def done(self, stage: str) -> dict | None:
+        path = self.stages / f"{stage}.json"
+        if not path.exists():
+            return None
+        record = json.loads(path.read_text())
+        if all(Path(p).exists() for p in record.get("outputs", [])):
+            return record
+        return None
+
+    def finish(self, stage: str, started: float, outputs: list[Path], **extra) -> dict:
+        record = {"stage": stage, "seconds": round(time.time() - started, 1),
+                  "outputs": [str(p) for p in outputs], **extra}
+        tmp = self.stages / f"{stage}.json.tmp"
+        tmp.write_text(json.dumps(record, indent=1))
+        os.replace(tmp, self.stages / f"{stage}.json")
+        return record
+
+    def run(self, stage: str, cmd: list[str]) -> None:
+        log_path = self.logs / f"{stage}.log"
+        print(f"[eto] {stage}: running (log: {log_path})", flush=True)
+        with open(log_path, "a") as log:
+            log.write(f"\n$ {' '.join(cmd)}\n")
+            log.flush()
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=REPO)
+            try:
+                code = proc.wait()
+            except BaseException:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                raise
+        if code != 0:
+            raise StageFailed(stage, log_path, code)
+
+    # --- stages --------------------------------------------------------------
+    def train_cmd(self, module: str) -> list[str]:
+        ngpu = len([g for g in self.a.gpus.split(",") if g.strip()])
+        if ngpu > 1:
+            return ["torchrun", f"--nproc_per_node={ngpu}", "-m", module]
+        return [sys.executable, "-m", module]
+
+    def common_train_flags(self) -> list[str]:
+        flags = ["--model_max_length", str(self.a.model_max_length),
+                 "--gradient_accumulation_steps", str(self.a.grad_accum)]
+        if self.a.lora:
+            flags.append("--lora")
+        if self.a.deepspeed:
+            flags += ["--deepspeed", self.a.deepspeed]
+        return flags
+
+    def sft(self) -> Path:
+        out = self.run_dir / "models" / "sft"
+        if (rec := self.done("sft")):
+            print(f"[eto] sft: done already ({rec['seconds']} s), skipping")
+            return out
+        started = time.time()
+        data = Path(self.a.sft_data)
+        if not data.exists():
+            raise StageFailed("sft", data, 1, f"expert data {data} not found; run setup.sh or scripts/build_{self.a.task}_sft.py")
+        if self.a.sft_samples:
+            subset = self.run_dir / "data" / "sft_subset.json"
+            subset.parent.mkdir(parents=True, exist_ok=True)
+            records = json.loads(data.read_text())[: self.a.sft_samples]
+            subset.write_text(json.dumps(records))
+            data = subset
+        cmd = self.train_cmd("fastchat.train.train") + [
+            "--model_name_or_path", self.a.model_path, "--data_path", str(data), "--output_dir", str(out),
+            "--num_train_epochs", str(self.a.sft_epochs), "--learning_rate", str(self.a.sft_lr),
+            "--per_device_train_batch_size", str(self.a.sft_batch_size), "--warmup_ratio", "0.03",
+            "--lr_scheduler_type", "cosine", *self.common_train_flags()]
+        self.run("sft", cmd)
+        self.finish("sft", started, [out / "config.json"], samples=len(json.loads(data.read_text())))
+        return out
+
+    def episodes(self, stage: str, model: Path, split: str, out: Path, temperature: float,
+                 n_tasks: int, workers: int) -> dict:
+        if (rec := self.done(stage)):
+            print(f"[eto] {stage}: done already ({rec['seconds']} s), skipping")
+            return rec["metrics"]
+        started = time.time()
+        name = f"{self.a.exp_name}-{stage}"
+        with self.services.serving(model, name, n_workers=workers, stage=stage) as controller:
+            cmd = [sys.executable, "-m", "eval_agent.main", "--agent_config", "fastchat",
+                   "--controller_address", controller, "--model_name", name, "--exp_config", self.a.task,
+                   "--split", split, "--output_path", str(out), "--num_workers", str(self.a.num_workers),
+                   "--temperature", str(temperature)]
+            if n_tasks:
+                cmd += ["--max_tasks", str(n_tasks)]
+            if self.a.max_steps:
+                cmd += ["--max_steps", str(self.a.max_steps)]
+            self.run(stage, cmd)
+        metrics = json.loads((out / "metrics.json").read_text())
+        self.finish(stage, started, [out / "metrics.json"], metrics=metrics)
+        return metrics
+
+    def pairs(self, stage: str, explore_dir: Path, out: Path) -> dict:
+        if (rec := self.done(stage)):
+            return rec["counts"]
+        started = time.time()
+        self.run(stage, [sys.executable, str(REPO / "scripts" / "construct_preference.py"),
+                         "--explore_dir", str(explore_dir), "--expert_path", self.a.sft_data,
+                         "--output_path", str(out)])
+        counts = {"pairs": len(json.loads(out.read_text()))}
+        stats = out.with_suffix(".stats.json")
+        if stats.exists():
+            counts.update(json.loads(stats.read_text()))
+        return self.finish(stage, started, [out], counts=counts)["counts"]
+
+    def dpo(self, stage: str, model: Path, pairs: Path, it: int) -> Path:
+        out = self.run_dir / "models" / f"dpo_iter{it}"
+        if self.done(stage):
+            return out
+        started = time.time()
+        lr = self.a.dpo_lrs[min(it - 1, len(self.a.dpo_lrs) - 1)]
+        beta = self.a.dpo_betas[min(it - 1, len(self.a.dpo_betas) - 1)]
+        cmd = self.train_cmd("fastchat.train.train_dpo") + [
+            "--model_name_or_path", str(model), "--data_path", str(pairs), "--output_dir", str(out),
+            "--beta", str(beta), "--learning_rate", str(lr), "--num_train_epochs", str(self.a.dpo_epochs),
+            "--per_device_train_batch_size", str(self.a.dpo_batch_size), "--precompute_ref_logps",
+            *self.common_train_flags()]
+        self.run(stage, cmd)
+        self.finish(stage, started, [out / "config.json"], lr=lr, beta=beta)
+        return out
+
+    def main(self) -> int:
+        a = self.a
+        print(f"[eto] task={a.task} exp={a.exp_name} model={a.model_path} outputs={self.run_dir}")
+        (self.run_dir / "settings.json").write_text(json.dumps(vars(a), indent=1, default=str))
+        model = self.sft()
+        self.episodes("eval_sft", model, "test", self.run_dir / "eval" / "sft", 0.0, a.test_tasks, 1)
+        for it in range(1, a.iterations + 1):
+            explore = self.run_dir / "explore" / f"iter{it}"
+            self.episodes(f"explore_iter{it}", model, "train", explore, a.explore_temperature,
+                          a.train_tasks, a.explore_workers)
+            pairs = self.run_dir / "pairs" / f"iter{it}.json"
+            pairs.parent.mkdir(parents=True, exist_ok=True)
+            counts = self.pairs(f"pairs_iter{it}", explore, pairs)
+            if counts["pairs"] == 0:
+                print(f"[eto] iteration {it}: no failure/success pairs (the agent matched the expert "
+                      f"everywhere); stopping the loop here")
+                break
+            model = self.dpo(f"dpo_iter{it}", model, pairs, it)
+            self.episodes(f"eval_iter{it}", model, "test", self.run_dir / "eval" / f"iter{it}", 0.0,
+                          a.test_tasks, 1)
+        summary = write_summary(self.run_dir)
+        print(summary["markdown"])
+        print(f"[eto] summary: {self.run_dir / 'summary.json'}, {self.run_dir / 'summary.md'}, "
+              f"{self.run_dir / 'summary.png'}")
+        return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    pipeline = Pipeline(args)
+    # SIGTERM behaves like Ctrl-C: unwind, stopping every process we started.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        return pipeline.main()
+    except StageFailed as e:
+        print(f"[eto] FAILED at stage '{e.stage}' (exit {e.code}); log: {e.log}" + (f"\n{e.detail}" if e.detail else ""),
+              file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("[eto] interrupted; finished stages are kept, rerun the same command to resume", file=sys.stderr)
+        return 130
+    finally:
+        pipeline.services.stop_all()
+        shutil.rmtree(pipeline.run_dir / "tmp", ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""Serving processes for the ETO pipeline: a controller and model workers on loopback.
+
+Started per model, polled until the controller lists the model and a worker answers a status request
+(never a fixed sleep), stopped when the stage ends, fails or is interrupted.
+"""
+from __future__ import annotations
+
+import contextlib
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+
+class StageFailed(Exception):
+    def __init__(self, stage: str, log: Path, code: int, detail: str = ""):
+        super().__init__(f"stage {stage} failed (exit {code}); log: {log}")
+        self.stage, self.log, self.code, self.detail = stage, log, code, detail
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Services:
+    def __init__(self, log_dir: Path, env: dict, ready_timeout: float = 600.0):
+        self.log_dir, self.env, self.ready_timeout = log_dir, env, ready_timeout
+        self.procs: list[tuple[str, subprocess.Popen, Path]] = []
+
+    def _start(self, name: str, cmd: list[str]) -> subprocess.Popen:
+        log = self.log_dir / f"{name}.log"
+        handle = open(log, "a")
+        proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=self.env,
+                                start_new_session=True)  # Ctrl-C reaches us, and we stop them in order
+        handle.close()
+        self.procs.append((name, proc, log))
+        return proc
+
+    def _check_alive(self, stage: str) -> None:
+        for name, proc, log in self.procs:
+            if proc.poll() is not None:
+                raise StageFailed(stage, log, proc.returncode, f"{name} exited while starting")
+
+    @contextlib.contextmanager
+    def serving(self, model: Path, model_name: str, n_workers: int, stage: str):
+        """A controller and `n_workers` workers for `model`; yields the controller address."""
+        port = free_port()
+        controller = f"http://127.0.0.1:{port}"
+        self._start(f"{stage}.controller", [sys.executable, "-m", "fastchat.serve.controller",
+                                            "--host", "127.0.0.1", "--port", str(port)])
+        for i in range(n_workers):
+            wport = free_port()
+            self._start(f"{stage}.worker{i}", [
+                sys.executable, "-m", "fastchat.serve.model_worker", "--model-path", str(model),
+                "--model-names", model_name, "--host", "127.0.0.1", "--port", str(wport),
+                "--worker-address", f"http://127.0.0.1:{wport}", "--controller-address", controller])
+        try:
+            self.wait_ready(controller, model_name, n_workers, stage)
+            yield controller
+        finally:
+            self.stop_all()
+
+    def wait_ready(self, controller: str, model_name: str, n_workers: int, stage: str) -> None:
+        deadline = time.time() + self.ready_timeout
+        delay = 0.2
+        while time.time() < deadline:
+            self._check_alive(stage)
+            try:
+                requests.post(f"{controller}/refresh_all_workers", timeout=5)
+                models = requests.post(f"{controller}/list_models", timeout=5).json().get("models", [])
+                if model_name in models:
+                    addr = requests.post(f"{controller}/get_worker_address", json={"model": model_name},
+                                         timeout=5).json().get("address")
+                    status = requests.post(f"{addr}/worker_get_status", timeout=5).json() if addr else {}
+                    if model_name in status.get("model_names", []):
+                        return
+            except (requests.RequestException, ValueError):
+                pass
+            time.sleep(delay)
+            delay = min(delay * 1.5, 3.0)
+        raise StageFailed(stage, self.log_dir / f"{stage}.worker0.log", 1,
+                          f"model worker for {model_name} not ready after {self.ready_timeout:.0f} s")
+
+    def stop_all(self) -> None:
+        for _, proc, _ in reversed(self.procs):
+            if proc.poll() is None:
+                proc.terminate()
+        for _, proc, _ in reversed(self.procs):
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.procs.clear()

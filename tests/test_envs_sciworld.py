@@ -1,0 +1,235 @@
+"""ScienceWorld env, task loader, prompt and expert-data script, on the real simulator (JVM).
+
+All env tests share one env (one JVM) through a module-scoped fixture.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from eval_agent.config import ConfigError, load_task_config
+from eval_agent.envs.base import INVALID_FORMAT_OBSERVATION
+from eval_agent.envs.sciworld_env import ScienceWorldEnv, simplification_string
+from eval_agent.tasks.base import Task, shard
+from eval_agent.tasks.sciworld import SciWorldTaskLoader
+
+REPO = Path(__file__).resolve().parent.parent
+ALL_TASK_TYPES = 30
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("build_sciworld_sft", REPO / "scripts" / "build_sciworld_sft.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def loader():
+    return SciWorldTaskLoader()
+
+
+@pytest.fixture(scope="module")
+def env():
+    e = ScienceWorldEnv(Task("probe", "train", {"task_name": "find-animal", "variation": 0}), max_steps=100)
+    yield e
+    e.close()
+
+
+def _task(name, variation, **extra):
+    return Task(f"t-{name}-{variation}", "train", {"task_name": name, "variation": variation, **extra})
+
+
+def _replay_task_types():
+    """One train variation per task type: ETO's train split where it has the type, else the
+    simulator's first train variation (inclined-plane and Mendelian tasks are in no ETO split)."""
+    from scienceworld.constants import ID2TASK
+    from scienceworld.utils import infer_task
+
+    first = {}
+    for t in SciWorldTaskLoader().load("train"):
+        first.setdefault(t.data["task_name"], t.data["variation"])
+    return [(infer_task(name), first.get(infer_task(name))) for name in ID2TASK.values()]
+
+
+REPLAY_CASES = _replay_task_types()
+
+
+def test_replay_cases_cover_all_task_types():
+    assert len({name for name, _ in REPLAY_CASES}) == ALL_TASK_TYPES
+    assert sum(v is not None for _, v in REPLAY_CASES) == 24  # the types ETO's train split has
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task_name,variation", REPLAY_CASES, ids=[n for n, _ in REPLAY_CASES])
+def test_gold_path_replay_scores_one(env, task_name, variation):
+    if variation is None:
+        env.switch_task(_task(task_name, 0))
+        env.simulator.load(task_name, 0, "", False)
+        variation = int(env.simulator.server.getVariationsTrain()[0])
+    # A generous limit: this checks the env's scoring, not ETO's step limits.
+    env.switch_task(_task(task_name, variation, max_steps=10_000))
+    gold = env.gold_actions()
+    first = env.reset()
+    assert first.startswith("Your task is to")
+    for action in gold:
+        observation, reward, done, info = env.step(f"Thought: following the gold path.\nAction: {action}")
+        assert observation.startswith("Observation: ") and info["valid_format"]
+        if done:
+            break
+    assert env.state.success and env.state.terminate_reason == "success"
+    assert env.state.reward == 1.0
+
+
+def test_bad_model_output_keeps_episode_going(env):
+    env.switch_task(_task("find-animal", 0))
+    env.reset()
+    outputs = ["%%$#@ garbage !!", "", "Thought: let me try.\nAction: fly to the moon", "z" * 10_000]
+    expected = [INVALID_FORMAT_OBSERVATION, INVALID_FORMAT_OBSERVATION,
+                "Observation: No known action matches that input.", INVALID_FORMAT_OBSERVATION]
+    for i, (output, want) in enumerate(zip(outputs, expected), 1):
+        observation, reward, done, _ = env.step(output)
+        assert observation == want
+        assert (env.state.steps, done, reward) == (i, False, 0.0)
+    # A long thought before a valid action is fine: the action is still executed.
+    observation, _, done, info = env.step("w" * 10_000 + "\nAction: look around")
+    assert info["action"] == "look around" and observation.startswith("Observation: This room is called")
+    assert env.state.steps == 5 and not done
+
+
+def test_step_limit_ends_episode(env):
+    env.switch_task(_task("find-animal", 0, max_steps=3))
+    env.reset()
+    for _ in range(2):
+        assert env.step("Action: look around")[2] is False
+    _, reward, done, _ = env.step("Action: look around")
+    assert done and env.state.terminate_reason == "max_steps" and not env.state.success
+    with pytest.raises(RuntimeError):
+        env.step("Action: look around")
+
+
+def test_task_step_limit_wins_over_config_fallback(env):
+    env.switch_task(_task("find-animal", 0, max_steps=15))
+    assert env.max_steps == 15
+    env.switch_task(_task("find-animal", 0))
+    assert env.max_steps == 100  # the constructor's max_steps
+
+
+def test_wrong_focus_fails_with_clipped_reward(env):
+    env.switch_task(_task("find-animal", 0))
+    env.reset()
+    env.step("Action: teleport to kitchen")
+    progress = env.state.reward
+    assert progress > 0
+    _, reward, done, _ = env.step("Action: focus on air")  # the simulator's score drops to -100
+    assert done and not env.state.success and env.state.terminate_reason == "done"
+    assert reward == progress  # best score reached, never negative
+
+
+def test_easy_simplification_opens_containers(env):
+    assert "noElectricalAction" not in simplification_string("power-component")
+    assert "noElectricalAction" in simplification_string("boil")
+    env.switch_task(_task("chemistry-mix-paint-secondary-color", 3))
+    env.reset()
+    env.step("Action: teleport to art studio")
+    observation, *_ = env.step("Action: look around")
+    assert "The large cupboard door is open" in observation
+
+
+def test_icl_example_is_a_real_successful_episode(env):
+    """Every action of our 1-shot example plays in the env and yields the shown observation."""
+    cfg = load_task_config("sciworld")
+    messages = cfg.icl_messages()
+    env.switch_task(_task("find-plant", 7))
+    assert env.reset() == messages[0]["content"]
+    for answer, shown in zip(messages[1::2], messages[2::2]):
+        assert answer["content"].startswith("Thought: ")
+        observation, *_ = env.step(answer["content"])
+        assert observation == shown["content"]
+    assert env.state.success
+
+
+def test_close_stops_the_jvm():
+    e = ScienceWorldEnv(_task("find-animal", 0), max_steps=5)
+    e.reset()
+    process = e.simulator._gateway.java_process
+    e.close()
+    process.wait(timeout=30)
+    assert process.poll() is not None
+
+
+def test_splits_ids_and_data(loader):
+    sizes = {split: len(loader.load(split)) for split in ("train", "dev", "test")}
+    assert sizes == {"train": 1483, "dev": 194, "test": 211}
+    test_ids = {t.id for t in loader.load("test")}
+    assert not test_ids & {t.id for t in loader.load("dev")}
+    limits = json.loads((loader.split_dir / "max_steps.json").read_text())
+    for t in loader.load("dev"):
+        assert t.id == f"sciworld-{t.data['task_name']}-{t.data['variation']}"
+        assert t.data["max_steps"] == limits[t.data["eto_task_name"]]
+        assert "(" not in t.id and " " not in t.id
+    with pytest.raises(ValueError, match="unknown split"):
+        loader.load("valid")
+
+
+def test_sharding_is_disjoint_and_complete(loader):
+    tasks = loader.load("test")
+    shards = [shard(tasks, 4, i) for i in range(4)]
+    ids = [t.id for s in shards for t in s]
+    assert len(ids) == len(set(ids)) == len(tasks)
+    assert ids == [t.id for t in tasks]
+
+
+def test_malformed_split_file_names_file_and_item(tmp_path, loader):
+    for name in ("train_indices.json", "max_steps.json"):
+        (tmp_path / name).write_text((loader.split_dir / name).read_text())
+    (tmp_path / "dev_indices.json").write_text(json.dumps([["task-1-boil", 3], ["task-1-boil"]]))
+    with pytest.raises(ValueError, match=r"dev_indices.json: item 1"):
+        SciWorldTaskLoader(split_dir=str(tmp_path)).load("dev")
+    with pytest.raises(FileNotFoundError, match="test_indices.json"):
+        SciWorldTaskLoader(split_dir=str(tmp_path)).load("test")
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("max_steps", "many", "field 'max_steps' must be int"),
+    ("env", None, "missing required field 'env'"),
+    ("env", "eval_agent.envs.sciworld_env:NoSuchEnv", "field 'env': cannot import"),
+])
+def test_malformed_config_names_the_field(tmp_path, field, value, message):
+    import yaml
+
+    raw = yaml.safe_load((REPO / "eval_agent/configs/task/sciworld.yaml").read_text())
+    if value is None:
+        del raw[field]
+    else:
+        raw[field] = value
+    path = tmp_path / "sciworld.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=message):
+        load_task_config(path).env_class()
+
+
+def test_thought_templates_describe_the_action():
+    script = _load_script()
+    assert script.make_thought("pick up thermometer") == "I need the thermometer, so I pick it up."
+    assert "option 1" in script.make_thought("1")
+    assert script.shorten_gold_path(
+        ["open door to kitchen", "go to kitchen", "go to hallway", "look around", "go to art studio"]
+    ) == ["teleport to hallway", "look around", "teleport to art studio"]
+
+
+@pytest.mark.slow
+def test_build_script_writes_successful_records(tmp_path):
+    out = tmp_path / "sw.json"
+    assert _load_script().main(["--limit", "2", "--workers", "1", "--out", str(out), "--rebuild"]) == 0
+    records = json.loads(out.read_text())
+    assert records and not (tmp_path / "sw.json.partial.jsonl").exists()
+    for r in records:
+        turns = r["conversations"]
+        assert r["reward"] == 1.0 and r["id"].startswith("sciworld-")
+        assert [t["from"] for t in turns[:3]] == ["human", "gpt", "human"] and turns[1]["value"] == "OK"
+        assert all(t["value"].startswith("Thought: ") and "\nAction: " in t["value"] for t in turns[3::2])
+        assert all(t["value"].startswith("Observation: ") for t in turns[4::2])

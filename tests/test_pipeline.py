@@ -1,0 +1,113 @@
+"""run_eto.sh end to end with a tiny local model: the whole loop on each task, and resume after a kill."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_BUDGET = ["--iterations", "1", "--train_tasks", "2", "--test_tasks", "2", "--max_steps", "3",
+               "--sft_samples", "4", "--sft_epochs", "1", "--sft_batch_size", "2", "--dpo_batch_size", "2",
+               "--dpo_epochs", "1", "--grad_accum", "1", "--model_max_length", "512", "--num_workers", "2"]
+
+
+def pipeline_cmd(task: str, exp: str, model: Path, save: Path, *extra: str) -> list[str]:
+    return ["bash", str(REPO / "run_eto.sh"), task, exp, str(model), str(save), *TINY_BUDGET, *extra]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["alfworld", "sciworld", "webshop"])
+def test_whole_loop_on_tiny_model(task, tiny_model_dir, tmp_path):
+    save = tmp_path / "runs"
+    proc = subprocess.run(pipeline_cmd(task, "tiny", tiny_model_dir, save),
+                          capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    run = save / "tiny"
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    summary = json.loads((run / "summary.json").read_text())
+    stages = [r["stage"] for r in summary["results"]]
+    assert stages == ["eval_sft", "explore_iter1", "eval_iter1"]
+    for row in summary["results"]:
+        assert row["tasks"] == 2 and 0.0 <= row["average_reward"] <= 1.0
+    assert (run / "summary.md").read_text().count("| eval") == 2
+    assert (run / "summary.png").stat().st_size > 1000
+
+    # pairs: every explored task whose reward differs from the expert's gives exactly one pair
+    explored = {json.loads(p.read_text())["id"]: json.loads(p.read_text())["meta"]["reward"]
+                for p in (run / "explore" / "iter1").glob("*.json") if p.name != "metrics.json"}
+    experts = {r["id"]: r.get("reward", 1.0) for r in json.loads((REPO / "data" / f"{task}_sft.json").read_text())}
+    expected = sum(1 for i, r in explored.items() if i in experts and r != experts[i])
+    pairs = json.loads((run / "pairs" / "iter1.json").read_text())
+    assert len(pairs) == expected == summary["pairs"]["pairs_iter1"]["pairs"]
+    assert expected > 0, "a random tiny model should fail where the expert succeeds"
+
+    for model in ("sft", "dpo_iter1"):
+        folder = run / "models" / model
+        assert (folder / "config.json").exists() and (folder / "eto_template.txt").exists()
+        assert any(folder.glob("*.safetensors"))
+    assert not any("Traceback" in p.read_text() for p in (run / "logs").glob("*worker*.log"))
+
+
+def _children_alive(pids: list[int]) -> list[int]:
+    alive = []
+    for pid in pids:
+        try:
+            os.kill(pid, 0)
+            alive.append(pid)
+        except ProcessLookupError:
+            pass
+    return alive
+
+
+def _descendants(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout.split()
+    kids = [int(x) for x in out]
+    return kids + [g for k in kids for g in _descendants(k)]
+
+
+@pytest.mark.slow
+def test_killed_during_exploration_resumes_without_redoing_stages(tiny_model_dir, tmp_path):
+    save = tmp_path / "runs"
+    run = save / "resume"
+    # one episode at a time, so the kill lands between finished and unfinished episodes
+    cmd = pipeline_cmd("alfworld", "resume", tiny_model_dir, save, "--train_tasks", "3", "--num_workers", "1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    explore = run / "explore" / "iter1"
+    deadline = time.time() + 600
+    spawned: set[int] = set()
+    while time.time() < deadline and proc.poll() is None:
+        spawned.update(_descendants(proc.pid))
+        if explore.exists() and any(p.name != "metrics.json" for p in explore.glob("*.json")):
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, "pipeline ended before exploration wrote an episode"
+    spawned.update(_descendants(proc.pid))
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out[-2000:]
+    assert "interrupted" in out
+    time.sleep(1)
+    assert not _children_alive(sorted(spawned)), "serving processes left running after the kill"
+
+    before = {p.name: p.read_text() for p in explore.glob("*.json")}
+    assert before and not (run / "stages" / "explore_iter1.json").exists()
+    sft_record = (run / "stages" / "sft.json").read_text()
+    eval_record = (run / "stages" / "eval_sft.json").read_text()
+
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "sft: done already" in again.stdout and "eval_sft: done already" in again.stdout
+    assert (run / "stages" / "sft.json").read_text() == sft_record
+    assert (run / "stages" / "eval_sft.json").read_text() == eval_record
+    after = {p.name: p.read_text() for p in explore.glob("*.json") if p.name != "metrics.json"}
+    assert len(after) == 3
+    for name, text in before.items():  # finished episodes were kept, not replayed
+        if name != "metrics.json":
+            assert after[name] == text
+    assert json.loads((run / "summary.json").read_text())["results"][-1]["stage"] == "eval_iter1"

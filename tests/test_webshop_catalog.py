@@ -1,0 +1,87 @@
+"""Catalog loading (mirror documents and WebShop's raw release format) and goal generation."""
+import itertools
+import json
+
+import pytest
+
+from webshop.catalog import CatalogError, load_catalog, load_raw
+from webshop.goals import GOAL_SEED, PRICE_STEPS, build_goals
+from webshop.text_env import shared_shop
+
+
+@pytest.fixture(scope="module")
+def shop():
+    return shared_shop()
+
+
+def test_documents_catalog_has_loaded_fields(shop):
+    cat = shop.catalog
+    assert len(cat) == 1000 and len(cat.contents) == 1000
+    p = next(p for p in cat.products if len(p["pricing"]) == 2)
+    assert p["Price"] == f"${p['pricing'][0]} to ${p['pricing'][1]}"
+    assert p["pricing"][0] <= cat.prices[p["asin"]] <= p["pricing"][1]
+    assert sum("instruction_text" in p for p in cat.products) == 415
+    assert all(p["Attributes"] for p in cat.products)  # empty attributes become WebShop's DUMMY_ATTR
+
+
+def test_synthetic_goals_cover_every_option_combination(shop):
+    goals, cat = shop.goals, shop.catalog
+    expected = sum(len(list(itertools.product(*p["options"].values())))
+                   for p in cat.products if p.get("instruction_text"))
+    assert len(goals) == expected == 6910
+    g = goals[0]
+    for key in ("instruction_text", "attributes", "goal_options", "price_upper", "asin", "category", "query",
+                "name", "product_category"):
+        assert key in g
+    for g in goals[:300]:
+        price = cat.prices[g["asin"]]
+        if g["price_upper"] < 1000000:
+            assert g["price_upper"] in PRICE_STEPS and g["price_upper"] > price
+            assert g["instruction_text"].endswith(f"price lower than {g['price_upper']:.2f} dollars")
+        for name, value in g["goal_options"].items():
+            assert value in cat[g["asin"]]["options"][name]
+            assert f"{name}: {value}" in g["instruction_text"]
+
+
+def test_goal_order_is_fixed_by_seed(shop):
+    again = build_goals(shop.catalog)
+    assert GOAL_SEED == 233
+    assert [g["instruction_text"] for g in again] == [g["instruction_text"] for g in shop.goals]
+    assert [g["goal_idx"] for g in again] == list(range(len(again)))
+
+
+def test_human_goals_need_the_raw_human_file(shop):
+    with pytest.raises(ValueError, match="items_human_ins.json"):
+        build_goals(shop.catalog, human=True)
+
+
+def test_raw_release_format_loads_and_gives_human_goals(tmp_path):
+    raw = [{"asin": "B0RAW00001", "name": "Cozy Wool Beanie Hat", "full_description": "A warm hat.",
+            "small_description": "Hand wash only", "pricing": "$12.50 - $18.00", "images": ["http://x/1.jpg"],
+            "product_category": "Clothing › Accessories › Hats", "category": "fashion", "query": "Beanies ",
+            "customization_options": {"Color": [{"value": "Navy/White", "image": None}, {"value": "Red"}]}},
+           {"asin": "B0RAW00001", "name": "duplicate", "pricing": ""},
+           {"asin": "nan", "name": "no asin"}]
+    (tmp_path / "items.json").write_text(json.dumps(raw))
+    (tmp_path / "attrs.json").write_text(json.dumps({"B0RAW00001": {"attributes": ["hand wash"]}}))
+    (tmp_path / "human.json").write_text(json.dumps({"B0RAW00001": [
+        {"instruction": "i want a navy beanie.", "instruction_attributes": ["hand wash"],
+         "instruction_options": ["navy | white"]},
+        {"instruction": "no attributes", "instruction_attributes": [], "instruction_options": []}]}))
+    cat = load_raw(tmp_path / "items.json", tmp_path / "attrs.json", tmp_path / "human.json")
+    assert len(cat) == 1
+    p = cat["B0RAW00001"]
+    assert p["pricing"] == [12.5, 18.0] and p["Price"] == "$12.5 to $18.0"
+    assert p["options"] == {"color": ["navy | white", "red"]} and p["BulletPoints"] == ["Hand wash only"]
+    assert p["query"] == "beanies"
+    goals = build_goals(cat)
+    assert len(goals) == 1 and goals[0]["goal_options"] == ["navy | white"]
+    assert goals[0]["instruction_text"].startswith("i want a navy beanie")
+
+
+def test_bad_files_name_the_file(tmp_path):
+    (tmp_path / "documents_1k.jsonl").write_text('{"id": "x", "product": {"asin": "x"}}\n')
+    with pytest.raises(CatalogError, match=r"documents_1k.jsonl:1: product lacks field"):
+        load_catalog(tmp_path)
+    with pytest.raises(CatalogError, match="no WebShop catalog"):
+        load_catalog(tmp_path / "empty")
