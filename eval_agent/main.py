@@ -5,7 +5,7 @@
 
 One JSON per task goes to --output_path (default outputs/<model>/<task><exp_name>/<split>),
 written atomically; a rerun skips tasks already done unless --override, and redoes those that
-ended on an infrastructure failure (model_error, env_error, reset_timeout). At the end the average
+ended on an infrastructure failure (model_error, env_error). At the end the average
 reward and success rate of the shard are printed and saved as metrics.json (metrics_part<i>_of_<n>.json
 for a shard of --part_num > 1).
 
@@ -49,6 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output_path", default=None, help="folder for the per-task JSON files and metrics")
     p.add_argument("--num_workers", type=int, default=1, help="episodes run concurrently (one env each)")
     p.add_argument("--max_tasks", type=int, default=None, help="run only the first N tasks of the shard")
+    p.add_argument("--max_steps", type=int, default=None, help="lower every episode's step limit (small runs)")
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--max_new_tokens", type=int, default=None)
     p.add_argument("--icl_num", type=int, default=None, help="in-context examples (default: the task config's)")
@@ -60,12 +61,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.part_idx == -1:
         args.part_idx = 0
+    if args.part_num < 1 or not 0 <= args.part_idx < args.part_num:
+        p.error(f"need --part_num >= 1 and 0 <= --part_idx < --part_num, got {args.part_num} and {args.part_idx}")
     if args.num_workers < 1:
         p.error("--num_workers must be >= 1")
     if args.max_tasks is not None and args.max_tasks < 0:
         p.error("--max_tasks must be >= 0")
     if args.icl_num is not None and args.icl_num < 0:
         p.error("--icl_num must be >= 0")
+    if args.max_steps is not None and args.max_steps < 1:
+        p.error("--max_steps must be >= 1")
     return args
 
 
@@ -81,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.DEBUG if args.debug else logging.WARNING)
     if args.debug:
         args.num_workers = 1
     try:
@@ -92,9 +98,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace, agent: Agent | None = None, envs: EnvPool | None = None) -> int:
     """Run the shard described by `args`. `agent` replaces the one built from --agent_config;
-    `envs` lends already started envs (left open)."""
+    `envs` lends already started envs. Lent agents and envs are left open."""
     exp = args.exp_config
     cfg = load_task_config(Path(args.exp_path) / f"{exp}.yaml" if args.exp_path and not Path(exp).suffix else exp)
+    own_agent = agent is None
     if agent is None:
         agent_path, agent_raw = load_agent_config(args.agent_config, args.agent_path)
         overrides: dict[str, Any] = {"model_name": args.model_name, "temperature": args.temperature,
@@ -132,14 +139,14 @@ def run(args: argparse.Namespace, agent: Agent | None = None, envs: EnvPool | No
     instruction, icl_messages = cfg.instruction_text(), cfg.icl_messages()
     run_meta = {"split": args.split, "task_config": cfg.name, "model_name": agent.model_name, "icl_num": icl_num,
                 "agent_class": agent_class, "temperature": agent.temperature,
-                "max_new_tokens": agent.max_new_tokens}
+                "max_new_tokens": agent.max_new_tokens, "max_steps_cap": args.max_steps}
 
     own_envs = envs is None
     envs = envs or EnvPool(cfg)
 
     def play(task, name):
         record = run_episode(cfg, task, agent, icl_num, instruction, icl_messages, envs=envs,
-                             verbose=args.verbose, raise_env_errors=args.debug)
+                             max_steps=args.max_steps, verbose=args.verbose, raise_errors=args.debug)
         record["meta"].update(run_meta)
         if _json_safe(task.data):
             record["meta"]["task"] = task.data
@@ -167,7 +174,8 @@ def run(args: argparse.Namespace, agent: Agent | None = None, envs: EnvPool | No
         finally:
             if own_envs:
                 envs.close_all()
-            agent.close()
+            if own_agent:
+                agent.close()
 
     metrics = compute_metrics(list(records.values()), len(tasks))
     metrics.update(run_meta, part_num=args.part_num, part_idx=args.part_idx, output_path=str(out_dir))

@@ -30,7 +30,9 @@ from eval_agent.tasks.base import Task
 log = logging.getLogger(__name__)
 
 # terminate reasons that say nothing about the model's ability: a rerun redoes these tasks
-INFRASTRUCTURE_FAILURES = ("model_error", "env_error", "reset_timeout")
+# Episodes that ended because the model server or the simulator broke: a rerun redoes them. A reset or
+# step timeout is the game's own fault (it would time out again), so it is a failed episode, not one of these.
+INFRASTRUCTURE_FAILURES = ("model_error", "env_error")
 
 
 def is_infrastructure_failure(reason: str | None) -> bool:
@@ -90,12 +92,13 @@ class EnvPool:
 
 
 def run_episode(cfg: TaskConfig, task: Task, agent: Agent, icl_num: int, instruction: str,
-                icl_messages: list[dict[str, str]], envs: EnvPool | None = None, verbose: bool = False,
-                raise_env_errors: bool = False) -> dict[str, Any]:
+                icl_messages: list[dict[str, str]], envs: EnvPool | None = None, max_steps: int | None = None,
+                verbose: bool = False, raise_errors: bool = False) -> dict[str, Any]:
     """Play one task; return {"id", "meta", "conversations"}.
 
-    Model and env failures end the episode with a terminate reason; with `raise_env_errors`
-    (--debug) an unexpected exception propagates instead, traceback and all.
+    `max_steps` lowers the env's step limit (for small runs). Model and env failures end the
+    episode with a terminate reason; with `raise_errors` (--debug) an unexpected exception
+    propagates instead, traceback and all.
     """
     pool = envs or EnvPool(cfg)
     env = None
@@ -104,6 +107,8 @@ def run_episode(cfg: TaskConfig, task: Task, agent: Agent, icl_num: int, instruc
     final_observation = None
     try:
         env = pool.acquire(task)
+        if max_steps is not None:
+            env.max_steps = min(env.max_steps, max_steps)
         with pool.lock:
             first_observation = env.reset()
         turns = record_turns(instruction, first_observation)
@@ -119,7 +124,7 @@ def run_episode(cfg: TaskConfig, task: Task, agent: Agent, icl_num: int, instruc
                 env.terminate(f"model_error: {e}")
                 break
             except Exception as e:  # a bug in an agent class: still one failed episode, not a dead run
-                if raise_env_errors:
+                if raise_errors:
                     raise
                 log.exception("task %s: the agent failed", task.id)
                 env.terminate(f"model_error: {type(e).__name__}: {e}")
@@ -137,7 +142,7 @@ def run_episode(cfg: TaskConfig, task: Task, agent: Agent, icl_num: int, instruc
                 turns.append({"from": "human", "value": observation})
         healthy = True  # model failures leave the env usable; env exceptions do not
     except Exception as e:  # a broken env must not end the run
-        if raise_env_errors:
+        if raise_errors:
             raise
         log.exception("task %s: environment error", task.id)
         reason = f"env_error: {type(e).__name__}: {e}"

@@ -7,11 +7,12 @@ If the official ETO file data/eto_sft/sciworld_sft.json exists it is copied as-i
 (pass --rebuild to build ours anyway). Otherwise, for every task of the split the
 simulator's gold action sequence is replayed through our env class
 (eval_agent.envs.sciworld_env.ScienceWorldEnv), so the stored observations are
-exactly what the env returns to an agent. Each gpt turn is "Thought: ...\nAction: ...",
+exactly what the env returns to an agent. The simulator draws a different gold path each
+time and some draws fail, so up to --gold_attempts paths are tried per task. Each gpt turn is "Thought: ...\nAction: ...",
 with a short templated thought that states what the action does. Only episodes the
 env scores as success with reward 1.0 within the task's step limit are kept.
 
-Progress goes to <out>.partial.jsonl as tasks finish: an interrupted run resumes
+Progress goes to <out dir>/.tmp/<out name>.partial.jsonl as tasks finish: an interrupted run resumes
 from there. The final file is written atomically; the script prints the counts,
 the reward histogram of the kept records, why the others were dropped, and the time.
 """
@@ -105,10 +106,10 @@ def _replay(env, actions, instruction: str):
     return turns, env.state
 
 
-def _worker_play(args: tuple[dict, int, str]) -> dict:
+def _worker_play(args: tuple[dict, int, str, int]) -> dict:
     """Replay the gold path of one task; return a record (kept) or a drop reason."""
     global _ENV
-    task_dict, fallback_max_steps, instruction = args
+    task_dict, fallback_max_steps, instruction, gold_attempts = args
     task = Task(**task_dict)
     from eval_agent.envs.sciworld_env import ScienceWorldEnv
 
@@ -118,10 +119,15 @@ def _worker_play(args: tuple[dict, int, str]) -> dict:
             _ENV = ScienceWorldEnv(task, max_steps=fallback_max_steps)
         else:
             _ENV.switch_task(task)
-        gold = _ENV.gold_actions()
-        # The shortened path first (it fits the step limits far more often), the raw one if it fails.
-        for actions in dict.fromkeys([tuple(shorten_gold_path(gold)), tuple(gold)]):
-            turns, state = _replay(_ENV, actions, instruction)
+        # The simulator draws a new gold path on each generation and some draws fail
+        # (e.g. freeze-9: 24 actions win, 51 do not), so try a few; per path, the shortened
+        # version first (it fits the step limits far more often), then the raw one.
+        for _ in range(gold_attempts):
+            gold = _ENV.gold_actions()
+            for actions in dict.fromkeys([tuple(shorten_gold_path(gold)), tuple(gold)]):
+                turns, state = _replay(_ENV, actions, instruction)
+                if state.success:
+                    break
             if state.success:
                 break
     except Exception as e:  # one broken task must not stop the build
@@ -154,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=None, help="only the first N tasks of the split")
     p.add_argument("--time_budget", type=float, default=None,
                    help="stop playing after this many seconds; writes what is kept so far, a rerun resumes")
+    p.add_argument("--gold_attempts", type=int, default=3, help="gold paths drawn per task before giving up")
     p.add_argument("--rebuild", action="store_true", help="build ours even if the official file exists")
     args = p.parse_args(argv)
     start = time.time()
@@ -173,7 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     tasks = cfg.make_loader().load(args.split)[: args.limit]
     instruction = cfg.instruction_text()
 
-    partial = out.with_name(out.name + ".partial.jsonl")
+    # Progress log beside the output, under .tmp/ (git-ignored in data/).
+    partial = out.parent / ".tmp" / f"{out.name}.partial.jsonl"
+    partial.parent.mkdir(exist_ok=True)
     done: dict[str, dict] = {}
     if partial.exists():
         for line in partial.read_text(encoding="utf-8").splitlines():
@@ -184,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     todo = [t for t in tasks if t.id not in done]
     print(f"{len(tasks)} {args.split} tasks, {len(todo)} to play with {args.workers} process(es)", flush=True)
 
-    jobs = [({"id": t.id, "split": t.split, "data": t.data}, cfg.max_steps, instruction) for t in todo]
+    jobs = [({"id": t.id, "split": t.split, "data": t.data}, cfg.max_steps, instruction, args.gold_attempts)
+            for t in todo]
     with partial.open("a", encoding="utf-8") as log:
         def consume(results):
             for i, r in enumerate(results, 1):
@@ -205,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
 
     results = [done[t.id] for t in tasks if t.id in done]
     kept = [r["record"] for r in results if r.get("kept")]
+    for record in kept:  # records resumed from an earlier run get the current instruction
+        record["conversations"][0]["value"] = instruction
     _write_json_atomic(out, kept)
     if len(results) == len(tasks):
         partial.unlink()
@@ -212,8 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"INCOMPLETE: {len(tasks) - len(results)} tasks not played yet; progress kept in {partial}")
 
     rewards = collections.Counter(f"{r['reward']:.2f}" for r in kept)
-    reasons = collections.Counter(r["reason"].split(":")[0] if r["reason"].startswith("error") else r["reason"]
-                                  for r in results if not r.get("kept"))
+    reasons = collections.Counter(r["reason"].split(" (")[0].split(":")[0] for r in results if not r.get("kept"))
     per_type = collections.Counter(r["task_name"] for r in kept)
     print(f"kept {len(kept)} of {len(results)} trajectories -> {out}")
     print(f"reward of kept trajectories: {dict(rewards)} (each record carries its 'reward')")

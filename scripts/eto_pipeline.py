@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -26,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 
-from eto_services import Services, StageFailed  # noqa: E402
+from eto_services import Services, StageFailed, stop_group  # noqa: E402
 from eto_summary import write_summary  # noqa: E402
 
 TASKS = ("webshop", "sciworld", "alfworld")
@@ -131,15 +132,13 @@ class Pipeline:
         with open(log_path, "a") as log:
             log.write(f"\n$ {' '.join(cmd)}\n")
             log.flush()
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=REPO)
+            # own process group: on interrupt the stage and everything it started (env workers, JVMs) go
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=REPO,
+                                    start_new_session=True)
             try:
                 code = proc.wait()
             except BaseException:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+                stop_group(proc)
                 raise
         if code != 0:
             raise StageFailed(stage, log_path, code)
@@ -160,6 +159,17 @@ class Pipeline:
             flags += ["--deepspeed", self.a.deepspeed]
         return flags
 
+    def expert_data(self) -> None:
+        """Build the default expert file when it is missing (ScienceWorld's replays take minutes)."""
+        data = Path(self.a.sft_data)
+        if data.exists():
+            return
+        if data != REPO / "data" / f"{self.a.task}_sft.json":
+            raise StageFailed("expert_data", data, 1, f"expert data {data} not found")
+        started = time.time()
+        self.run("expert_data", [sys.executable, str(REPO / "scripts" / f"build_{self.a.task}_sft.py")])
+        self.finish("expert_data", started, [data])
+
     def sft(self) -> Path:
         out = self.run_dir / "models" / "sft"
         if (rec := self.done("sft")):
@@ -168,7 +178,8 @@ class Pipeline:
         started = time.time()
         data = Path(self.a.sft_data)
         if not data.exists():
-            raise StageFailed("sft", data, 1, f"expert data {data} not found; run setup.sh or scripts/build_{self.a.task}_sft.py")
+            raise StageFailed("sft", data, 1, f"expert data {data} not found; build it with "
+                                             f"python scripts/build_{self.a.task}_sft.py --out {data}")
         if self.a.sft_samples:
             subset = self.run_dir / "data" / "sft_subset.json"
             subset.parent.mkdir(parents=True, exist_ok=True)
@@ -213,9 +224,9 @@ class Pipeline:
                          "--explore_dir", str(explore_dir), "--expert_path", self.a.sft_data,
                          "--output_path", str(out)])
         counts = {"pairs": len(json.loads(out.read_text()))}
-        stats = out.with_suffix(".stats.json")
-        if stats.exists():
-            counts.update(json.loads(stats.read_text()))
+        found = re.findall(r"win (\d+) / tie (\d+) / lose (\d+)", (self.logs / f"{stage}.log").read_text())
+        if found:
+            counts.update(zip(("agent_wins", "ties", "agent_loses"), map(int, found[-1])))
         return self.finish(stage, started, [out], counts=counts)["counts"]
 
     def dpo(self, stage: str, model: Path, pairs: Path, it: int) -> Path:
@@ -238,6 +249,7 @@ class Pipeline:
         a = self.a
         print(f"[eto] task={a.task} exp={a.exp_name} model={a.model_path} outputs={self.run_dir}")
         (self.run_dir / "settings.json").write_text(json.dumps(vars(a), indent=1, default=str))
+        self.expert_data()
         model = self.sft()
         self.episodes("eval_sft", model, "test", self.run_dir / "eval" / "sft", 0.0, a.test_tasks, 1)
         for it in range(1, a.iterations + 1):

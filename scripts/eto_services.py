@@ -6,6 +6,8 @@ Started per model, polled until the controller lists the model and a worker answ
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -19,6 +21,27 @@ class StageFailed(Exception):
     def __init__(self, stage: str, log: Path, code: int, detail: str = ""):
         super().__init__(f"stage {stage} failed (exit {code}); log: {log}")
         self.stage, self.log, self.code, self.detail = stage, log, code, detail
+
+
+def stop_group(proc: subprocess.Popen, grace: float = 20.0) -> None:
+    """Terminate a process started with start_new_session=True and all its descendants."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            continue
+        # the leader is gone; give its group the same grace, then make sure
+        deadline = time.time() + grace
+        while time.time() < deadline:
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)
 
 
 def free_port() -> int:
@@ -88,12 +111,5 @@ class Services:
 
     def stop_all(self) -> None:
         for _, proc, _ in reversed(self.procs):
-            if proc.poll() is None:
-                proc.terminate()
-        for _, proc, _ in reversed(self.procs):
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_group(proc)
         self.procs.clear()

@@ -85,7 +85,7 @@ class Fetcher:
     def __init__(self, data_dir: Path, mirror: Path | None, offline: bool, timeout: float):
         self.data_dir, self.mirror, self.offline, self.timeout = data_dir, mirror, offline, timeout
         self.stamps = data_dir / ".stamps"
-        self.scratch = data_dir / ".tmp"
+        self.scratch = data_dir / ".fetch-tmp"
 
     def stamp_path(self, item: dict) -> Path:
         return self.stamps / f"{item['name']}.json"

@@ -14,7 +14,7 @@ from eval_agent.envs.alfworld_env import BANNER, AlfWorldEnv, format_observation
 from eval_agent.envs.base import INVALID_FORMAT_OBSERVATION
 from eval_agent.paths import alfworld_data_dir, eto_split_dir
 from eval_agent.tasks.alfworld import TASK_TYPES, AlfWorldLoader
-from eval_agent.tasks.base import shard
+from eval_agent.tasks.base import Task, shard
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 import build_alfworld_sft  # noqa: E402
@@ -34,9 +34,8 @@ def train(loader):
     return loader.load("train")
 
 
-def make_env(tmp_task=None, **options) -> AlfWorldEnv:
-    from eval_agent.tasks.base import Task
-    task = tmp_task or Task("alfworld-test", "train", {"game_file": GAME, "task_type": "pick_clean_then_place_in_recep"})
+def make_env(task=None, **options) -> AlfWorldEnv:
+    task = task or Task("alfworld-test", "train", {"game_file": GAME, "task_type": "pick_clean_then_place_in_recep"})
     return AlfWorldEnv(task, **{"max_steps": 40, **options})
 
 

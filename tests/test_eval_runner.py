@@ -112,14 +112,6 @@ def test_agent_errors_end_the_episode_with_a_reason(sciworld, envs):
     assert reason == "model_error: KeyError: 'choices'"
 
 
-def test_env_exception_ends_the_episode_not_the_run(sciworld, envs):
-    cfg, instruction, icl = sciworld
-    bad = Task("sciworld-no-such-task-0", "test", {"task_name": "no-such-task", "variation": 0})
-    record = run_episode(cfg, bad, ScriptedAgent({"": [WRONG_FOCUS]}, 2), 1, instruction, icl, envs=envs)
-    assert record["meta"]["terminate_reason"].startswith("env_error: ValueError")
-    assert record["meta"]["finished"] and not is_complete(record)
-
-
 def _args(tmp_path, *extra):
     return parse_args(["--exp_config", "sciworld", "--split", "test", "--output_path", str(tmp_path),
                        "--max_tasks", "3", *extra])
@@ -188,3 +180,24 @@ def test_metrics_average_over_all_tasks_of_the_shard():
     assert m["num_missing"] == 1 and m["num_infrastructure_failures"] == 1
     assert m["failure_examples"] == {"model_error": "model_error: timeout"}
     assert m["terminate_reasons"] == {"max_steps": 1, "model_error": 1, "success": 1}
+
+
+def test_env_exception_ends_the_episode_not_the_run(sciworld, envs):
+    cfg, instruction, icl = sciworld
+    bad = Task("sciworld-no-such-task-0", "test", {"task_name": "no-such-task", "variation": 0})
+    record = run_episode(cfg, bad, ScriptedAgent({"": [WRONG_FOCUS]}, 2), 1, instruction, icl, envs=envs)
+    assert record["meta"]["terminate_reason"].startswith("env_error: ValueError")
+    assert record["meta"]["finished"] and not is_complete(record)
+
+
+def test_bad_configs_exit_with_status_2_naming_the_file(tmp_path, caplog):
+    from eval_agent.main import main
+
+    assert main(["--exp_config", "no-such-benchmark", "--output_path", str(tmp_path)]) == 2
+    assert "no-such-benchmark.yaml not found" in caplog.text
+    bad = tmp_path / "agent.json"
+    bad.write_text("{not json")
+    assert main(["--exp_config", "sciworld", "--agent_config", str(bad), "--output_path", str(tmp_path)]) == 2
+    assert f"{bad}: not valid JSON" in caplog.text
+    with pytest.raises(SystemExit):
+        parse_args(["--part_num", "2", "--part_idx", "2"])

@@ -79,7 +79,7 @@ def test_corrupt_mirror_file_is_refused_and_nothing_is_left(tmp_path):
     data = tmp_path / "data"
     assert not (data / "game").exists()
     assert not (data / ".stamps" / "game.json").exists()
-    assert not (data / ".tmp").exists()
+    assert not (data / ".fetch-tmp").exists()
 
 
 def test_archive_failing_mid_unpack_leaves_no_partial_folder(tmp_path):
@@ -94,7 +94,7 @@ def test_archive_failing_mid_unpack_leaves_no_partial_folder(tmp_path):
     assert proc.returncode == 1
     assert "cannot unpack" in proc.stderr
     assert not (tmp_path / "data" / "game").exists()
-    assert not (tmp_path / "data" / ".tmp").exists()
+    assert not (tmp_path / "data" / ".fetch-tmp").exists()
 
 
 def test_no_mirror_no_network_names_every_missing_item(tmp_path):

@@ -2,7 +2,11 @@
 
 The prompt is rendered here with `fastchat.conversation`, using the template the
 worker reports (/worker_get_conv_template), so the text the model sees is the
-text it was trained on. Each request asks the controller for a worker address
+text it was trained on; a worker that uses the tokenizer's own template ("hf")
+renders it itself (/worker_render_chat) unless `model_path` gives the tokenizer.
+An over-long prompt is refused by our worker (`"truncate": false`) and ends the
+episode as a context overflow, instead of silently losing the instruction to
+left-truncation; set `truncate_prompt: true` for the original FastChat behaviour. Each request asks the controller for a worker address
 (the controller balances load between workers of the same model), then streams
 from the worker's /worker_generate_stream.
 
@@ -30,6 +34,9 @@ log = logging.getLogger(__name__)
 _RETRYABLE_CODES = {ErrorCode.RATE_LIMIT, ErrorCode.ENGINE_OVERLOADED}
 
 
+_WORKER_RENDERS = object()  # the worker's template is the tokenizer's own: ask the worker to render
+
+
 class _Retryable(Exception):
     """A failure that another attempt (maybe on another worker) may not hit."""
 
@@ -37,7 +44,7 @@ class _Retryable(Exception):
 class FastChatAgent(Agent):
     def __init__(self, model_name: str, controller_address: str = "http://127.0.0.1:21001",
                  worker_address: str | None = None, conv_template: str | None = None,
-                 model_path: str | None = None, timeout: float = 300.0, connect_timeout: float = 10.0,
+                 model_path: str | None = None, truncate_prompt: bool = False, timeout: float = 300.0, connect_timeout: float = 10.0,
                  max_retries: int = 5, retry_backoff: float = 1.0, retry_backoff_max: float = 30.0,
                  **common: Any):
         super().__init__(model_name, **common)
@@ -45,6 +52,7 @@ class FastChatAgent(Agent):
         self.worker_address = worker_address.rstrip("/") if worker_address else None
         self.conv_template = conv_template
         self.model_path = model_path
+        self.truncate_prompt = bool(truncate_prompt)
         self.timeout = float(timeout)
         self.max_retries = int(max_retries)
         self.retry_backoff = float(retry_backoff)
@@ -67,8 +75,12 @@ class FastChatAgent(Agent):
             try:
                 address = self._worker_for_model()
                 template = self._get_template(address)
-                prompt = render(template, messages, add_generation_prompt=True).text
-                return self._generate(address, prompt, template)
+                if template is _WORKER_RENDERS:
+                    rendered = self._post_json(f"{address}/worker_render_chat", {"messages": messages})
+                    prompt, stop = rendered["prompt"], rendered.get("stop", [])
+                else:
+                    prompt, stop = render(template, messages, add_generation_prompt=True).text, template.stop_str
+                return self._generate(address, prompt, stop)
             except (_Retryable, httpx.TransportError) as e:
                 last_error = e
         raise ModelError(f"{self.max_retries + 1} attempts failed; last error: {last_error}")
@@ -111,10 +123,9 @@ class FastChatAgent(Agent):
             elif isinstance(conv, str):
                 name = conv
         tokenizer = None
+        if name == "hf" and not self.model_path:
+            return _WORKER_RENDERS
         if name == "hf" or (not name and self.model_path):
-            if not self.model_path:
-                raise ModelError(f"worker {worker_address} renders with the tokenizer's own chat template; "
-                                 "set 'model_path' in the agent config so the agent can load that tokenizer")
             from transformers import AutoTokenizer
             tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         if name and name != "hf" and name not in TEMPLATES:
@@ -125,11 +136,11 @@ class FastChatAgent(Agent):
         except TemplateError as e:
             raise ModelError(str(e)) from e
 
-    def _generate(self, worker_address: str, prompt: str, template) -> str:
+    def _generate(self, worker_address: str, prompt: str, stop) -> str:
         payload = {
             "model": self.model_name, "prompt": prompt, "temperature": self.temperature, "top_p": self.top_p,
-            "max_new_tokens": self.max_new_tokens, "stop": list(template.stop_str),
-            "stop_token_ids": self._stop_token_ids, "echo": False,
+            "max_new_tokens": self.max_new_tokens, "stop": list(stop), "stop_token_ids": self._stop_token_ids,
+            "echo": False, "truncate": self.truncate_prompt,
         }
         deadline = time.monotonic() + self.timeout
         text = None

@@ -41,12 +41,12 @@ def build_tokenizer(corpus: list[str], vocab_size: int):
     tok.train_from_iterator(corpus, trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None,
-        additional_special_tokens=["<|im_start|>"], chat_template=CHATML_JINJA, model_max_length=2048,
+        additional_special_tokens=["<|im_start|>"], chat_template=CHATML_JINJA, model_max_length=4096,
     )
 
 
 def build_tiny_model(out_dir: str | Path, hidden: int = 128, layers: int = 2, heads: int = 4,
-                     vocab_size: int = 4096, max_positions: int = 2048, seed: int = 0,
+                     vocab_size: int = 4096, max_positions: int = 4096, seed: int = 0,
                      corpus: list[str] | None = None) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM

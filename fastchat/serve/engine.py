@@ -8,6 +8,9 @@ Finished sequences leave the batch at once and the all-padding columns they
 leave behind are trimmed. Positions come from each row's own length, and the
 attention mask hides padding, so a row's greedy output does not depend on its
 neighbours. `max_batch_size=1` gives one-request-at-a-time serving.
+The KV caches of the last few prompts are kept, and a new prompt starting with
+one of them (an agent's next turn, or another episode with the same
+instruction) prefills only the tokens after the shared prefix.
 """
 from __future__ import annotations
 
@@ -21,12 +24,13 @@ from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
-from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+from transformers import (DynamicCache, LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
                           TopKLogitsWarper, TopPLogitsWarper)
 
 from fastchat.constants import ErrorCode
 
 log = logging.getLogger(__name__)
+MIN_PREFIX_REUSE = 16  # shorter shared prefixes are not worth a cache lookup
 
 
 class GenerationError(Exception):
@@ -52,6 +56,7 @@ class GenParams:
     stop_token_ids: list[int] = field(default_factory=list)
     echo: bool = True
     truncate: bool = True  # left-truncate an over-long prompt (FastChat's behaviour) instead of refusing it
+    ignore_eos: bool = False  # keep generating past the EOS token (benchmarks)
 
     @classmethod
     def parse(cls, params: dict) -> "GenParams":
@@ -81,6 +86,7 @@ class GenParams:
             max_new_tokens=num("max_new_tokens", int, 256, 1),
             stop=[s for s in stop if s], stop_token_ids=list(stop_ids),
             echo=bool(params.get("echo", True)), truncate=bool(params.get("truncate", True)),
+            ignore_eos=bool(params.get("ignore_eos", False)),
         )
 
     @property
@@ -118,7 +124,7 @@ class Sequence:
 
 
 class BatchingEngine:
-    def __init__(self, model, tokenizer, context_len: int, max_batch_size: int = 8):
+    def __init__(self, model, tokenizer, context_len: int, max_batch_size: int = 8, prefix_cache_size: int = 8):
         self.model, self.tokenizer = model, tokenizer
         self.context_len, self.max_batch_size = context_len, max(1, max_batch_size)
         self.device = next(model.parameters()).device
@@ -129,6 +135,10 @@ class BatchingEngine:
         self._mask: torch.Tensor | None = None  # [B, L] 1 = real token, 0 = left padding
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
+        self.stats = {"prefills": 0, "decode_steps": 0, "decoded_tokens": 0, "max_batch": 0,
+                      "prefix_tokens_reused": 0}
+        self.prefix_cache_size = prefix_cache_size
+        self._prefixes: list[tuple[list[int], list]] = []  # (prompt ids, per-layer (keys, values)), LRU last
 
     # ---- submission -------------------------------------------------------------------------
     def submit(self, params: dict, sink: Callable[[dict], None]) -> Sequence:
@@ -137,7 +147,7 @@ class BatchingEngine:
         if not isinstance(prompt, str):
             raise GenerationError(ErrorCode.VALIDATION_TYPE_ERROR, "'prompt' must be a string")
         gp = GenParams.parse(params)
-        if self.eos_token_id is not None and self.eos_token_id not in gp.stop_token_ids:
+        if self.eos_token_id is not None and self.eos_token_id not in gp.stop_token_ids and not gp.ignore_eos:
             gp.stop_token_ids.append(self.eos_token_id)
         ids = self.tokenizer(prompt).input_ids
         if not ids:
@@ -171,7 +181,7 @@ class BatchingEngine:
         seq.cancelled = True
 
     def queue_length(self) -> int:
-        return len(self._waiting) + len(self._running)
+        return len(self._waiting) + sum(1 for s in self._running if s.finish_reason is None)
 
     def count_tokens(self, prompt: str) -> int:
         return len(self.tokenizer(prompt).input_ids)
@@ -239,11 +249,14 @@ class BatchingEngine:
 
     def _prefill(self, seq: Sequence) -> None:
         ids = torch.tensor([seq.prompt_ids], device=self.device)
-        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        self.stats["prefills"] += 1
+        reuse, cache = self._cached_prefix(seq.prompt_ids)
+        out = self.model(input_ids=ids[:, reuse:], cache=cache, use_cache=True, logits_to_keep=1)
+        self._remember_prefix(seq.prompt_ids, out.cache)
         self._advance([seq], out.logits[:, -1, :])
         if seq.finish_reason is not None:
             return
-        cache, mask = out.past_key_values, torch.ones_like(ids)
+        cache, mask = out.cache, torch.ones_like(ids)
         if self._cache is None:
             self._cache, self._mask = cache, mask
         else:
@@ -255,14 +268,40 @@ class BatchingEngine:
                                     F.pad(mask, (width - mask.shape[1], 0))])
         self._running.append(seq)
 
+    def _cached_prefix(self, ids: list[int]):
+        """The longest cached prefix of `ids` (agent prompts repeat the instruction and the conversation so far)."""
+        best, best_len = None, 0
+        for entry in self._prefixes:
+            n = _common_prefix_len(entry[0], ids)
+            if n > best_len:
+                best, best_len = entry, n
+        best_len = min(best_len, len(ids) - 1)  # at least one token must run to give the next-token logits
+        if best is None or best_len < MIN_PREFIX_REUSE:
+            return 0, None
+        self._prefixes.remove(best)
+        self._prefixes.append(best)  # most recently used last
+        self.stats["prefix_tokens_reused"] += best_len
+        return best_len, DynamicCache(ddp_cache_data=[(k[:, :, :best_len], v[:, :, :best_len]) for k, v in best[1]])
+
+    def _remember_prefix(self, ids: list[int], cache) -> None:
+        """Keep the prompt's KV tensors (never modified in place later) for prompts that share its prefix."""
+        if self.prefix_cache_size <= 0 or len(ids) < MIN_PREFIX_REUSE:
+            return
+        self._prefixes = [e for e in self._prefixes if _common_prefix_len(e[0], ids) < len(e[0])]
+        self._prefixes.append((list(ids), [(layer.keys, layer.values) for layer in cache.layers]))
+        del self._prefixes[:-self.prefix_cache_size]
+
     def _decode_step(self) -> None:
         seqs = self._running
+        self.stats["decode_steps"] += 1
+        self.stats["decoded_tokens"] += len(seqs)
+        self.stats["max_batch"] = max(self.stats["max_batch"], len(seqs))
         input_ids = torch.tensor([[s.output_ids[-1]] for s in seqs], device=self.device)
         positions = torch.tensor([[len(s.prompt_ids) + len(s.output_ids) - 1] for s in seqs], device=self.device)
         mask = torch.cat([self._mask, self._mask.new_ones(len(seqs), 1)], dim=1)
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                         past_key_values=self._cache, use_cache=True)
-        self._cache, self._mask = out.past_key_values, mask
+                         cache=self._cache, use_cache=True)
+        self._cache, self._mask = out.cache, mask
         self._advance(seqs, out.logits[:, -1, :])
 
     def _drop_finished(self) -> None:
@@ -324,6 +363,14 @@ class BatchingEngine:
         if seq.truncated:
             chunk["truncated_prompt_tokens"] = seq.truncated
         seq.sink(chunk)
+
+
+def _common_prefix_len(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
 
 
 def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:

@@ -49,7 +49,8 @@ def sequence_logps(model, input_ids, attention_mask, labels) -> torch.Tensor:
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1].float()
     targets = labels[:, 1:]
     mask = targets != IGNORE_INDEX
-    token_logps = torch.gather(logits.log_softmax(-1), 2, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    # gather minus logsumexp: the same as log_softmax, without keeping a second vocabulary-sized tensor
+    token_logps = torch.gather(logits, 2, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
     return (token_logps * mask).sum(-1)
 
 

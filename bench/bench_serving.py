@@ -1,0 +1,186 @@
+"""Serving throughput: continuous batching vs one request at a time, side by side in one run.
+
+    python bench/bench_serving.py [--model-path models/SmolLM2-135M-Instruct] [--concurrency 1 4 8] \
+        [--new-tokens 64] [--prompt-tokens 300] [--rounds 1] [--num-threads 1] [--episodes 0]
+
+Starts a controller and two copies of the same model worker on loopback: one
+batching (--max-batch-size 8), one with --no-batching. For each concurrency c,
+c clients each send `rounds` agent-like requests (an instruction and an
+in-context example of about --prompt-tokens tokens, a distinct task at the
+end, greedy, exactly --new-tokens new tokens) through the controller, first to
+one worker then to the other, and generated tokens/s are compared. Greedy
+outputs of the two workers are also compared (they must be identical).
+With --episodes N it also runs N short ALFWorld episodes through
+`eval_agent.main` at each concurrency and reports episodes per hour.
+Prints a table and writes bench/results/serving.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import requests
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from fastchat.constants import default_model_path  # noqa: E402
+from fastchat.conversation import render, template_for_model  # noqa: E402
+
+MODES = {"batched": ["--max-batch-size", "8"], "one-at-a-time": ["--no-batching"]}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(check, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if check():
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"{what} not ready after {timeout}s")
+
+
+def agent_prompts(model_path: Path, n: int, prompt_tokens: int) -> list[str]:
+    """ALFWorld-style prompts: our instruction and in-context example, cut to about `prompt_tokens` tokens."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    template = template_for_model(model_path, tokenizer=tok)
+    instruction = (REPO / "eval_agent/prompt/instructions/alfworld.txt").read_text()
+    example = json.loads((REPO / "eval_agent/prompt/icl_examples/alfworld.json").read_text())
+    example_text = "\n".join(m["content"] for m in (example[0] if isinstance(example[0], list) else example))
+    context = tok.decode(tok(instruction + "\n" + example_text).input_ids[:prompt_tokens])
+    objects = ["apple", "mug", "book", "knife", "pen", "bowl", "towel", "egg", "key", "cd"]
+    return [render(template, [{"role": "user", "content": context}, {"role": "assistant", "content": "OK"},
+                              {"role": "user", "content": f"You are in the middle of a room {i}. Your task is "
+                                                          f"to: put a clean {objects[i % 10]} in shelf {i}."}],
+                   add_generation_prompt=True).text for i in range(n)]
+
+
+def run_level(controller: str, model: str, prompts: list[str], new_tokens: int) -> tuple[float, int, list[str]]:
+    def one(prompt: str) -> dict:
+        r = requests.post(controller + "/worker_generate_stream", stream=True, timeout=3600, json={
+            "model": model, "prompt": prompt, "temperature": 0.0, "max_new_tokens": new_tokens, "echo": False,
+            "ignore_eos": True})
+        last = None
+        for chunk in r.iter_lines(delimiter=b"\0"):
+            if chunk:
+                last = json.loads(chunk)
+        if last is None or last["error_code"]:
+            raise RuntimeError(f"generation failed: {last}")
+        return last
+
+    start = time.time()
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        outs = list(pool.map(one, prompts))
+    wall = time.time() - start
+    return wall, sum(o["usage"]["completion_tokens"] for o in outs), [o["text"] for o in outs]
+
+
+def run_episodes(controller: str, model: str, n: int, concurrency: int, out_dir: Path) -> float | None:
+    """Episodes per hour of a few short ALFWorld episodes through eval_agent.main (if it is available)."""
+    cmd = [sys.executable, "-m", "eval_agent.main", "--agent_config", "fastchat", "--model_name", model,
+           "--exp_config", "alfworld", "--split", "dev", "--max_tasks", str(n), "--max_steps", "3",
+           "--num_workers", str(concurrency), "--controller_address", controller, "--output_path",
+           str(out_dir), "--override", "--max_new_tokens", "64"]
+    start = time.time()
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    if r.returncode not in (0, 1):
+        print(f"eval_agent.main failed ({r.returncode}): {r.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return n / (time.time() - start) * 3600
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-path", default=None)
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8])
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--prompt-tokens", type=int, default=300)
+    p.add_argument("--rounds", type=int, default=1, help="requests per client at each level")
+    p.add_argument("--num-threads", type=int, default=1, help="torch threads per worker (both workers alike)")
+    p.add_argument("--episodes", type=int, default=0, help="also run this many eval_agent episodes per level")
+    p.add_argument("--out", default=str(REPO / "bench/results/serving.json"))
+    a = p.parse_args()
+    model_path = Path(a.model_path) if a.model_path else default_model_path()
+    if not (model_path / "config.json").is_file():
+        raise SystemExit(f"no model at {model_path}; pass --model-path")
+
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    logs = Path(tempfile.mkdtemp(prefix="bench_serving_"))
+    cport = free_port()
+    controller = f"http://127.0.0.1:{cport}"
+    procs = [subprocess.Popen([sys.executable, "-m", "fastchat.serve.controller", "--port", str(cport)],
+                              stdout=(logs / "controller.log").open("w"), stderr=subprocess.STDOUT, env=env)]
+    try:
+        for mode, flags in MODES.items():
+            port = free_port()
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "fastchat.serve.model_worker", "--model-path", str(model_path),
+                 "--model-names", mode, "--port", str(port), "--controller-address", controller,
+                 "--num-threads", str(a.num_threads), *flags],
+                stdout=(logs / f"{mode}.log").open("w"), stderr=subprocess.STDOUT, env=env))
+        wait_for(lambda: set(MODES) <= set(requests.post(controller + "/list_models", timeout=5).json()["models"]),
+                 600, "workers")
+        prompts = agent_prompts(model_path, max(a.concurrency) * a.rounds, a.prompt_tokens)
+        n_prompt = [len(x) for x in prompts]
+        run_level(controller, "batched", prompts[:1], 4)  # warm up both workers
+        run_level(controller, "one-at-a-time", prompts[:1], 4)
+        rows = []
+        for c in a.concurrency:
+            batch = prompts[: c * a.rounds]
+            row = {"concurrency": c, "requests": len(batch), "new_tokens": a.new_tokens}
+            texts = {}
+            for mode in MODES:
+                wall, tokens, texts[mode] = run_level(controller, mode, batch, a.new_tokens)
+                row[mode] = {"seconds": round(wall, 2), "tokens": tokens, "tokens_per_s": round(tokens / wall, 2)}
+                if a.episodes:
+                    eph = run_episodes(controller, mode, a.episodes, c, logs / f"episodes_{mode}_{c}")
+                    row[mode]["episodes_per_hour"] = round(eph, 1) if eph else None
+            row["speedup"] = round(row["batched"]["tokens_per_s"] / row["one-at-a-time"]["tokens_per_s"], 2)
+            row["same_greedy_text"] = texts["batched"] == texts["one-at-a-time"]
+            rows.append(row)
+            print(f"c={c}: batched {row['batched']['tokens_per_s']} tok/s, one-at-a-time "
+                  f"{row['one-at-a-time']['tokens_per_s']} tok/s, x{row['speedup']}", flush=True)
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    print(f"\nmodel {model_path.name}, prompts of {min(n_prompt)}-{max(n_prompt)} chars (~{a.prompt_tokens}+ tokens), "
+          f"{a.new_tokens} new tokens, torch threads {a.num_threads}")
+    print(f"{'concurrent':>10} {'batched tok/s':>14} {'one-at-a-time tok/s':>20} {'speedup':>8} {'same text':>10}")
+    for r in rows:
+        print(f"{r['concurrency']:>10} {r['batched']['tokens_per_s']:>14} {r['one-at-a-time']['tokens_per_s']:>20} "
+              f"{r['speedup']:>8} {str(r['same_greedy_text']):>10}")
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"model": str(model_path), "num_threads": a.num_threads, "rows": rows,
+                               "load_average": os.getloadavg()}, indent=2))
+    os.replace(tmp, out)
+    print(f"written {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""The pair builder: expert vs agent per task, higher reward chosen, ties skipped, bad input refused."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "construct_preference.py"
+PROMPT = [{"from": "human", "value": "Instruction."}, {"from": "gpt", "value": "OK"}]
+
+
+def trajectory(task: str, actions: list[str], trailing_observation: bool = True) -> list[dict]:
+    turns = PROMPT + [{"from": "human", "value": task}]
+    for i, a in enumerate(actions):
+        turns.append({"from": "gpt", "value": f"Thought: t.\nAction: {a}"})
+        if i < len(actions) - 1 or trailing_observation:
+            turns.append({"from": "human", "value": f"Observation: after {a}"})
+    return turns
+
+
+def write_inputs(tmp_path, agent_records: list[dict]):
+    expert = [{"id": tid, "conversations": trajectory(f"task {tid}", [f"expert {tid} a", f"expert {tid} b"], False),
+               "reward": 0.5} for tid in ("win", "lose", "tie")]
+    expert_path = tmp_path / "sft.json"
+    expert_path.write_text(json.dumps(expert))
+    explore = tmp_path / "explore"
+    explore.mkdir()
+    for rec in agent_records:
+        (explore / f"{rec['id']}.json").write_text(json.dumps(rec))
+    (explore / "metrics.json").write_text(json.dumps({"average_reward": 0.5}))
+    return expert_path, explore
+
+
+def agent(tid, reward, actions=("agent a", "agent b", "agent c"), **meta):
+    return {"id": tid, "meta": {"reward": reward, "terminate_reason": None, **meta},
+            "conversations": trajectory(f"task {tid}", list(actions))}
+
+
+def run(tmp_path, expert_path, explore, *extra):
+    out = tmp_path / "pairs.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--explore_dir", str(explore), "--expert_path",
+                           str(expert_path), "--output_path", str(out), *extra],
+                          capture_output=True, text=True, timeout=60)
+    return proc, out
+
+
+def test_one_pair_per_non_tie_in_the_right_direction(tmp_path):
+    expert_path, explore = write_inputs(tmp_path, [agent("win", 1.0), agent("lose", 0.0), agent("tie", 0.5),
+                                                   agent("crashed", 0.0, terminate_reason="env_error: boom")])
+    proc, out = run(tmp_path, expert_path, explore)
+    assert proc.returncode == 0, proc.stderr
+    assert "win 1 / tie 1 / lose 1" in proc.stdout and "2 pairs written" in proc.stdout
+    pairs = {p["id"]: p for p in json.loads(out.read_text())}
+    assert sorted(pairs) == ["lose", "win"]
+    win, lose = pairs["win"], pairs["lose"]
+    assert win["prompt"] == PROMPT + [{"from": "human", "value": "task win"}]
+    # win: the agent beat the expert, so the agent's trajectory is chosen
+    assert win["chosen"][0]["value"].endswith("agent a") and win["rejected"][0]["value"].endswith("expert win a")
+    assert lose["chosen"][0]["value"].endswith("expert lose a") and lose["rejected"][0]["value"].endswith("agent a")
+    assert (win["chosen_reward"], win["rejected_reward"]) == (1.0, 0.5)
+    for p in pairs.values():  # both sides start and end with a gpt turn (the trailing observation is dropped)
+        for side in ("chosen", "rejected"):
+            assert p[side][0]["from"] == "gpt" and p[side][-1]["from"] == "gpt"
+    # the pairs are valid DPO training data
+    from fastchat.train.data import load_dpo_records
+
+    assert len(load_dpo_records(out)) == 2
+
+
+def test_max_rejected_turns_caps_the_failed_tail(tmp_path):
+    expert_path, explore = write_inputs(tmp_path, [agent("lose", 0.0, actions=[f"step {i}" for i in range(6)])])
+    proc, out = run(tmp_path, expert_path, explore, "--max_rejected_turns", "2")
+    assert proc.returncode == 0, proc.stderr
+    rejected = json.loads(out.read_text())[0]["rejected"]
+    assert [t["from"] for t in rejected] == ["gpt", "human", "gpt"] and rejected[-1]["value"].endswith("step 1")
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"id": "win", "conversations": []}, "win.json (id='win'): missing object field 'meta'"),
+    ({"id": "win", "meta": {"reward": "high"}, "conversations": []}, "reward must be a number"),
+    ({"id": "win", "meta": {"reward": 1.0}, "conversations": [{"from": "robot", "value": "x"}]},
+     "conversations[0] must be"),
+])
+def test_malformed_agent_record_is_refused(tmp_path, record, message):
+    expert_path, explore = write_inputs(tmp_path, [record])
+    proc, out = run(tmp_path, expert_path, explore)
+    assert proc.returncode == 2 and message in proc.stderr and not out.exists()
+
+
+def test_prompt_mismatch_is_refused_unless_ignored(tmp_path):
+    rec = agent("win", 1.0)
+    rec["conversations"][2]["value"] = "a different task"
+    expert_path, explore = write_inputs(tmp_path, [rec])
+    proc, out = run(tmp_path, expert_path, explore)
+    assert proc.returncode == 2 and "win.json" in proc.stderr and "differ from the expert's" in proc.stderr
+    proc, out = run(tmp_path, expert_path, explore, "--ignore_prompt_mismatch")
+    assert proc.returncode == 0 and json.loads(out.read_text())[0]["prompt"][2]["value"] == "task win"
+
+
+def test_malformed_expert_file_is_refused(tmp_path):
+    expert_path, explore = write_inputs(tmp_path, [agent("win", 1.0)])
+    data = json.loads(expert_path.read_text())
+    del data[1]["reward"]
+    expert_path.write_text(json.dumps(data))
+    proc, _ = run(tmp_path, expert_path, explore)
+    assert proc.returncode == 2 and "sft.json: record 1 (id='lose'): reward must be a number" in proc.stderr

@@ -1,0 +1,146 @@
+"""SFT from the command line, CPU precision handling, DeepSpeed/FSDP configs and the missing-DeepSpeed message."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+import fastchat.train
+from fastchat.train.common import EtoTrainingArguments
+
+CONFIGS = Path(fastchat.train.__file__).parent / "configs"
+# tiny models train as fast on one thread, and a busy 2-core machine slows multi-threaded torch a lot
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def sft_records(n: int) -> list[dict]:
+    objs = ["apple", "mug", "book", "lamp"]
+    records = []
+    for i in range(n):
+        obj = objs[i % 4]
+        conv = [{"from": "human", "value": "Solve the household task."}, {"from": "gpt", "value": "OK"},
+                {"from": "human", "value": f"Your task is to: find the {obj}."}]
+        for k in range(1 + i % 2):
+            conv += [{"from": "gpt", "value": f"Thought: look for the {obj}.\nAction: go to table {k + 1}"},
+                     {"from": "human", "value": f"Observation: you see a {objs[k]} 1."}]
+        conv.append({"from": "gpt", "value": f"Thought: found it.\nAction: take {obj} 1"})
+        records.append({"id": f"t{i}", "conversations": conv, "reward": 1.0})
+    return records
+
+
+def run_sft(tmp_path, model_dir, *extra, data=None):
+    path = tmp_path / "sft.json"
+    path.write_text(json.dumps(sft_records(8) if data is None else data))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "fastchat.train.train", "--model_name_or_path", str(model_dir),
+           "--data_path", str(path), "--output_dir", str(out), "--per_device_train_batch_size", "4",
+           "--model_max_length", "96", "--logging_steps", "1", *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc, out
+
+
+@pytest.mark.slow
+def test_cli_sft_lowers_training_loss(tiny_model_dir, tmp_path):
+    data = sft_records(8) + [{"id": "too-long", "conversations": [
+        {"from": "human", "value": "word " * 200}, {"from": "gpt", "value": "late answer"}]}]
+    proc, out = run_sft(tmp_path, tiny_model_dir, "--num_train_epochs", "4", "--learning_rate", "3e-3",
+                        "--bf16", data=data)
+    assert "no CUDA GPU: training in fp32" in proc.stderr
+    losses = [h["loss"] for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in h]
+    assert len(losses) == 8  # 4 epochs x 2 batches: the 8 usable samples, the too-long one is skipped
+    assert sum(losses[-2:]) / 2 < 0.8 * sum(losses[:2]) / 2
+    skipped = json.loads((out / "skipped_samples.json").read_text())["skipped"]
+    assert [s["id"] for s in skipped] == ["too-long"] and "too-long" in proc.stderr
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    AutoModelForCausalLM.from_pretrained(out)
+    AutoTokenizer.from_pretrained(out)
+    assert (out / "eto_template.txt").read_text().strip() == "chatml"
+
+
+def sft_main(tmp_path, model_dir, *extra, data=None):
+    """The same entry point in-process (saves a Python start-up)."""
+    from fastchat.train.train import main
+
+    path = tmp_path / "sft.json"
+    path.write_text(json.dumps(sft_records(4) if data is None else data))
+    out = tmp_path / "out"
+    main(["--model_name_or_path", str(model_dir), "--data_path", str(path), "--output_dir", str(out),
+          "--per_device_train_batch_size", "2", "--model_max_length", "96", "--disable_tqdm", "true", *extra])
+    return out
+
+
+@pytest.mark.slow
+def test_sft_lora_saves_merged_model(tiny_model_dir, tmp_path):
+    out = sft_main(tmp_path, tiny_model_dir, "--max_steps", "2", "--lora", "--lora_r", "4")
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "llama" and not (out / "adapter_config.json").exists()
+    assert (out / "eto_template.txt").is_file()
+
+
+@pytest.mark.slow
+def test_sft_lora_no_merge_saves_adapter_and_merge_command_works(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from fastchat.train.merge_lora import main as merge_main
+
+    out = sft_main(tmp_path, tiny_model_dir, "--max_steps", "1", "--lora", "--no_merge")
+    assert (out / "adapter_config.json").is_file() and not (out / "config.json").exists()
+    merge_main(["--base", str(tiny_model_dir), "--adapter", str(out), "--output_dir", str(tmp_path / "merged")])
+    AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert (tmp_path / "merged" / "eto_template.txt").read_text().strip() == "chatml"
+
+
+def test_malformed_data_is_refused_with_file_and_record(tiny_model_dir, tmp_path):
+    bad = sft_records(2) + [{"id": "x", "conversations": [{"from": "human", "value": 3}]}]
+    with pytest.raises(SystemExit) as e:
+        sft_main(tmp_path, tiny_model_dir, data=bad)
+    assert "sft.json: record 2 (id='x')" in str(e.value.code)
+
+
+def test_deepspeed_without_deepspeed_fails_clearly(tiny_model_dir, tmp_path):
+    if importlib.util.find_spec("deepspeed") is not None:
+        pytest.skip("deepspeed is installed here")
+    with pytest.raises(SystemExit) as e:
+        sft_main(tmp_path, tiny_model_dir, "--deepspeed", str(CONFIGS / "zero2.json"))
+    assert "DeepSpeed is not installed" in str(e.value.code)
+    assert "deepspeed" not in sys.modules  # imported lazily, never at module import
+
+
+def test_cpu_forces_fp32(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("GPU machine: bf16 is kept")
+    args = EtoTrainingArguments(output_dir=str(tmp_path), bf16=True, warmup_ratio=0.1)
+    assert not args.bf16 and not args.fp16 and not args.gradient_checkpointing
+    assert args.warmup_steps == 0.1 and args.save_strategy == "no"
+
+
+@pytest.mark.parametrize("name, stage", [("zero2.json", 2), ("zero3.json", 3)])
+def test_deepspeed_configs_parse(name, stage):
+    config = json.loads((CONFIGS / name).read_text())
+    assert config["zero_optimization"]["stage"] == stage
+    # "auto" lets transformers fill these from the command-line flags
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping"):
+        assert config[key] == "auto"
+    assert config["bf16"]["enabled"] == "auto"
+    if stage == 3:
+        assert config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+
+
+def test_fsdp_accelerate_config_parses():
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    raw = yaml.safe_load((CONFIGS / "fsdp.yaml").read_text())
+    assert raw["distributed_type"] == "FSDP" and raw["mixed_precision"] == "bf16"
+    config = ClusterConfig.from_yaml_file(str(CONFIGS / "fsdp.yaml"))  # accelerate's own validation
+    assert config.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+    assert config.fsdp_config["fsdp_sharding_strategy"] == "FULL_SHARD"
