@@ -107,6 +107,8 @@ class Pipeline:
         if args.gpus:
             self.env["CUDA_VISIBLE_DEVICES"] = args.gpus
         self.services = Services(self.logs, self.env)
+        import torch  # only to ask whether a GPU is visible (trainers then get --bf16)
+        self.cuda = torch.cuda.is_available()
 
     # --- stage bookkeeping -------------------------------------------------
     def done(self, stage: str) -> dict | None:
@@ -153,6 +155,8 @@ class Pipeline:
     def common_train_flags(self) -> list[str]:
         flags = ["--model_max_length", str(self.a.model_max_length),
                  "--gradient_accumulation_steps", str(self.a.grad_accum)]
+        if self.cuda:
+            flags.append("--bf16")
         if self.a.lora:
             flags.append("--lora")
         if self.a.deepspeed:
