@@ -72,12 +72,24 @@ def browser(tmp_path_factory):
     driver.quit()
 
 
+def wait_for_next_page(driver, old_page) -> None:
+    """Every action is a form post: wait until the old page is gone and the new one is there."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(driver, 30).until(EC.staleness_of(old_page))
+    WebDriverWait(driver, 30).until(EC.presence_of_element_located((By.ID, "page")))
+
+
 def click(driver, label):
     from selenium.webdriver.common.by import By
 
-    buttons = [b for b in driver.find_elements(By.CSS_SELECTOR, "#page button") if b.text.strip() == label]
+    page = driver.find_element(By.ID, "page")
+    buttons = [b for b in page.find_elements(By.CSS_SELECTOR, "button") if b.text.strip() == label]
     assert buttons, f"no button {label!r} on the page"
     buttons[0].click()
+    wait_for_next_page(driver, page)
 
 
 def test_browser_purchase_matches_text_env(site, browser):
@@ -103,9 +115,11 @@ def test_browser_purchase_matches_text_env(site, browser):
         kind, arg = a.split("[", 1)
         arg = arg[:-1]
         if kind == "search":
+            page = browser.find_element(By.ID, "page")
             box = browser.find_element(By.ID, "search-input")
             box.send_keys(arg)
             browser.find_element(By.ID, "search-button").click()
+            wait_for_next_page(browser, page)
             assert "Page 1 (Total results:" in browser.find_element(By.ID, "page").text
         else:
             click(browser, arg)
