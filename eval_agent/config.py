@@ -35,6 +35,8 @@ class TaskConfig:
     icl_example: str
     max_steps: int
     icl_num: int = 1
+    # pairs: a losing agent trajectory is cut to the expert's rounds + this many (None: no cap)
+    rejected_extra_rounds: int | None = None
     loader_options: dict[str, Any] = field(default_factory=dict)
     env_options: dict[str, Any] = field(default_factory=dict)
 
@@ -100,6 +102,9 @@ def load_task_config(name_or_path: str | Path) -> TaskConfig:
     unknown = set(raw) - known_fields
     if unknown:
         raise ConfigError(f"{path}: unknown field(s) {sorted(unknown)}; allowed: {sorted(known_fields)}")
+    extra = raw.get("rejected_extra_rounds")
+    if extra is not None and (isinstance(extra, bool) or not isinstance(extra, int) or extra < 0):
+        raise ConfigError(f"{path}: field 'rejected_extra_rounds' must be a non-negative integer or null")
     for key in ("loader_options", "env_options"):
         if not isinstance(raw.get(key, {}), dict):
             raise ConfigError(f"{path}: field '{key}' must be a mapping")

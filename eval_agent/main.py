@@ -29,7 +29,7 @@ from eval_agent.agents import Agent, load_agent_config, make_agent
 from eval_agent.config import ConfigError, load_task_config
 from eval_agent.runner import (EnvPool, compute_metrics, is_complete, is_infrastructure_failure, read_result,
                                run_episode, task_filename, write_json_atomic)
-from eval_agent.tasks.base import shard
+from eval_agent.tasks.base import shard, spread_subset
 
 log = logging.getLogger("eval_agent")
 
@@ -49,6 +49,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output_path", default=None, help="folder for the per-task JSON files and metrics")
     p.add_argument("--num_workers", type=int, default=1, help="episodes run concurrently (one env each)")
     p.add_argument("--max_tasks", type=int, default=None, help="run only the first N tasks of the shard")
+    p.add_argument("--sample_tasks", type=int, default=None,
+                   help="run a fixed, seeded subset of N tasks of the shard, spread evenly over the task types")
+    p.add_argument("--sample_seed", type=int, default=0, help="seed of --sample_tasks (default 0)")
+    p.add_argument("--task_ids", default=None,
+                   help="JSON file with a list of task ids: play only these tasks of the split (before sampling)")
     p.add_argument("--max_steps", type=int, default=None, help="lower every episode's step limit (small runs)")
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--max_new_tokens", type=int, default=None)
@@ -67,6 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--num_workers must be >= 1")
     if args.max_tasks is not None and args.max_tasks < 0:
         p.error("--max_tasks must be >= 0")
+    if args.sample_tasks is not None and args.sample_tasks < 1:
+        p.error("--sample_tasks must be >= 1")
     if args.icl_num is not None and args.icl_num < 0:
         p.error("--icl_num must be >= 0")
     if args.max_steps is not None and args.max_steps < 1:
@@ -115,6 +122,10 @@ def run(args: argparse.Namespace, agent: Agent | None = None, envs: EnvPool | No
     icl_num = cfg.icl_num if args.icl_num is None else args.icl_num
 
     tasks = shard(cfg.make_loader().load(args.split), args.part_num, args.part_idx)
+    if args.task_ids:
+        tasks = _only_ids(tasks, Path(args.task_ids), cfg.name, args.split)
+    if args.sample_tasks is not None:
+        tasks = spread_subset(tasks, args.sample_tasks, args.sample_seed)
     if args.max_tasks is not None:
         tasks = tasks[: args.max_tasks]
     names = [task_filename(t.id) for t in tasks]
@@ -139,7 +150,8 @@ def run(args: argparse.Namespace, agent: Agent | None = None, envs: EnvPool | No
     instruction, icl_messages = cfg.instruction_text(), cfg.icl_messages()
     run_meta = {"split": args.split, "task_config": cfg.name, "model_name": agent.model_name, "icl_num": icl_num,
                 "agent_class": agent_class, "temperature": agent.temperature,
-                "max_new_tokens": agent.max_new_tokens, "max_steps_cap": args.max_steps}
+                "max_new_tokens": agent.max_new_tokens, "max_steps_cap": args.max_steps,
+                "sample_tasks": args.sample_tasks, "sample_seed": args.sample_seed}
 
     own_envs = envs is None
     envs = envs or EnvPool(cfg)
@@ -188,6 +200,21 @@ def run(args: argparse.Namespace, agent: Agent | None = None, envs: EnvPool | No
               "them", file=sys.stderr)
         return 1
     return 0
+
+
+def _only_ids(tasks: list, path: Path, task_name: str, split: str) -> list:
+    try:
+        wanted = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"--task_ids {path}: cannot read a JSON list of ids ({e})") from None
+    if not isinstance(wanted, list):
+        raise ConfigError(f"--task_ids {path}: expected a JSON list of task ids")
+    wanted = {str(i) for i in wanted}
+    kept = [t for t in tasks if t.id in wanted]
+    if not kept:
+        raise ConfigError(f"--task_ids {path}: none of its {len(wanted)} ids (e.g. {sorted(wanted)[:3]}) is a "
+                          f"{task_name}/{split} task (ids look like {[t.id for t in tasks[:3]]})")
+    return kept
 
 
 def _json_safe(data: Any) -> bool:

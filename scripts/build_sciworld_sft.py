@@ -2,6 +2,7 @@
 
     python scripts/build_sciworld_sft.py                    # train split, 2 processes
     python scripts/build_sciworld_sft.py --limit 50 --out /tmp/sw.json --workers 1
+    python scripts/build_sciworld_sft.py --sample 120 --out data/sciworld_sft_120.json   # spread over types
 
 If the official ETO file data/eto_sft/sciworld_sft.json exists it is copied as-is
 (pass --rebuild to build ours anyway). Otherwise, for every task of the split the
@@ -32,7 +33,7 @@ from pathlib import Path
 from eval_agent.config import load_task_config
 from eval_agent.paths import data_dir
 from eval_agent.prompt import record_turns
-from eval_agent.tasks.base import Task
+from eval_agent.tasks.base import Task, spread_subset
 
 _ENV = None  # one ScienceWorldEnv (one JVM) per worker process
 
@@ -158,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="default: $ETO_DATA_DIR/sciworld_sft.json")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--limit", type=int, default=None, help="only the first N tasks of the split")
+    p.add_argument("--sample", type=int, default=None,
+                   help="only a fixed, seeded subset of N tasks spread evenly over the task types")
+    p.add_argument("--seed", type=int, default=0, help="seed of --sample")
     p.add_argument("--time_budget", type=float, default=None,
                    help="stop playing after this many seconds; writes what is kept so far, a rerun resumes")
     p.add_argument("--gold_attempts", type=int, default=3, help="gold paths drawn per task before giving up")
@@ -178,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = load_task_config("sciworld")
     tasks = cfg.make_loader().load(args.split)[: args.limit]
+    if args.sample:
+        tasks = spread_subset(tasks, args.sample, args.seed)
     instruction = cfg.instruction_text()
 
     # Progress log beside the output, under .tmp/ (git-ignored in data/).

@@ -1,7 +1,7 @@
 """Build ETO's DPO pairs from exploration outputs and the expert SFT trajectories.
 
     python scripts/construct_preference.py --explore_dir outputs/explore/webshop \\
-        --expert_path data/webshop_sft.json --output_path data/webshop_pairs.json [--max_rejected_turns 10]
+        --expert_path data/webshop_sft.json --output_path data/webshop_pairs.json --task webshop
 
 For every task explored by the agent (one <id>.json per task in --explore_dir, as written by
 eval_agent; metrics.json is ignored) the expert trajectory with the same id is compared with
@@ -9,8 +9,11 @@ the agent's: the higher reward is chosen and the lower rejected; ties give no pa
 {"id", "prompt", "chosen", "rejected", "chosen_reward", "rejected_reward", "outcome"} where the
 prompt is the first three turns (instruction, "OK", task), which must be the same in both
 trajectories, and chosen/rejected are the rest, starting at the first gpt turn and ending at the
-last gpt turn (trailing observations are never trained on). --max_rejected_turns keeps only the
-first N gpt turns of the rejected trajectory. Episodes ended by an infrastructure failure
+last gpt turn (trailing observations are never trained on). --task NAME applies the task config's
+rule for a losing agent trajectory, as the original does: WebShop and ScienceWorld keep at most the
+expert's number of rounds (gpt turns) + 5, ALFWorld keeps it whole (`rejected_extra_rounds` in the
+config; --rejected_extra_rounds K overrides it). --max_rejected_turns N caps every rejected
+trajectory at N gpt turns. Each pair records the cap applied and the rejected side's full length. Episodes ended by an infrastructure failure
 (env crash, model server error) or without any action are skipped and counted. Prints win/tie/lose counts (win: the agent beat
 the expert) and the number of pairs; the output is written atomically.
 """
@@ -108,8 +111,14 @@ def _trajectory(turns: list[dict], max_gpt_turns: int | None = None) -> list[dic
     return rest[: gpt_positions[-1] + 1]
 
 
+def _rounds(turns: list[dict]) -> int:
+    return sum(t["from"] == "gpt" for t in turns[PROMPT_TURNS:])
+
+
 def build_pairs(experts: dict, explored: dict, max_rejected_turns: int | None = None,
-                ignore_prompt_mismatch: bool = False) -> tuple[list[dict], dict]:
+                ignore_prompt_mismatch: bool = False,
+                rejected_extra_rounds: int | None = None) -> tuple[list[dict], dict]:
+    """`rejected_extra_rounds`: a losing agent trajectory keeps at most the expert's rounds + this many."""
     pairs = []
     counts = {"win": 0, "tie": 0, "lose": 0, "no_expert": 0, "incomplete": 0}
     for key, (agent, agent_where) in explored.items():
@@ -132,13 +141,22 @@ def build_pairs(experts: dict, explored: dict, max_rejected_turns: int | None = 
         outcome = "win" if agent_reward > expert_reward else "lose"
         counts[outcome] += 1
         better, worse = (agent, expert) if outcome == "win" else (expert, agent)
+        caps = [max_rejected_turns] if max_rejected_turns is not None else []
+        if outcome == "lose" and rejected_extra_rounds is not None:
+            caps.append(_rounds(expert["conversations"]) + rejected_extra_rounds)
+        cap = min(caps) if caps else None
         pairs.append({
             "id": agent["id"], "prompt": prompt,
             "chosen": _trajectory(better["conversations"]),
-            "rejected": _trajectory(worse["conversations"], max_rejected_turns),
+            "rejected": _trajectory(worse["conversations"], cap),
             "chosen_reward": max(agent_reward, expert_reward), "rejected_reward": min(agent_reward, expert_reward),
-            "outcome": outcome,
+            "outcome": outcome, "rejected_cap_rounds": cap, "rejected_rounds_total": _rounds(worse["conversations"]),
         })
+    complete = [k for k, (rec, _) in explored.items() if rec is not None]
+    if complete and counts["no_expert"] == len(complete):
+        raise InputError(f"no expert trajectory matches any of the {len(complete)} explored task ids "
+                         f"(e.g. {', '.join(sorted(complete)[:3])}; expert ids look like "
+                         f"{', '.join(sorted(experts)[:3])}): is the expert file for this task and in our id format?")
     return pairs, counts
 
 
@@ -157,14 +175,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output_path", required=True, type=Path)
     p.add_argument("--max_rejected_turns", type=int, default=None,
                    help="keep at most this many gpt turns of the rejected trajectory")
+    p.add_argument("--task", default=None,
+                   help="task config name: applies its rejected-trajectory rule (rejected_extra_rounds)")
+    p.add_argument("--rejected_extra_rounds", type=int, default=None,
+                   help="a losing agent trajectory keeps at most the expert's rounds + K (overrides --task's)")
     p.add_argument("--ignore_prompt_mismatch", action="store_true",
                    help="pair tasks whose first three turns differ (the expert's prompt is used)")
     a = p.parse_args(argv)
     if a.max_rejected_turns is not None and a.max_rejected_turns < 1:
         p.error("--max_rejected_turns must be at least 1")
+    extra = a.rejected_extra_rounds
+    if extra is None and a.task:
+        from eval_agent.config import ConfigError, load_task_config
+        try:
+            extra = load_task_config(a.task).rejected_extra_rounds
+        except ConfigError as e:
+            p.error(str(e))
+    if extra is not None and extra < 0:
+        p.error("--rejected_extra_rounds must be >= 0")
     try:
         pairs, counts = build_pairs(load_expert(a.expert_path), load_explored(a.explore_dir),
-                                    a.max_rejected_turns, a.ignore_prompt_mismatch)
+                                    a.max_rejected_turns, a.ignore_prompt_mismatch, extra)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -173,7 +204,9 @@ def main(argv: list[str] | None = None) -> int:
           + (f"; {counts['no_expert']} explored tasks without an expert trajectory" if counts["no_expert"] else "")
           + (f"; {counts['incomplete']} episodes skipped (infrastructure failure or no action)"
              if counts["incomplete"] else ""))
-    print(f"{len(pairs)} pairs written to {a.output_path}")
+    capped = sum(p["rejected_rounds_total"] > (p["rejected_cap_rounds"] or 10**9) for p in pairs)
+    print(f"{len(pairs)} pairs written to {a.output_path}"
+          + (f" ({capped} rejected trajectories cut at the expert's rounds + {extra})" if extra is not None else ""))
     return 0
 
 

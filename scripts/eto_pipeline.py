@@ -31,8 +31,22 @@ from eto_services import Services, StageFailed, stop_group  # noqa: E402
 from eto_summary import write_summary  # noqa: E402
 
 TASKS = ("webshop", "sciworld", "alfworld")
-DEMO = dict(sft_samples=24, sft_epochs=1, train_tasks=4, test_tasks=4, iterations=1, max_steps=10,
-            model_max_length=1024, sft_batch_size=2, grad_accum=2, dpo_batch_size=2, num_workers=4)
+# Presets: a small budget for the default model on CPU. Flags and environment variables win over them.
+PRESETS = {
+    "demo": dict(sft_samples=24, sft_epochs=1, train_tasks=4, test_tasks=4, iterations=1, max_steps=10,
+                 model_max_length=1024, sft_batch_size=4, sft_per_device_batch_size=2, dpo_batch_size=4,
+                 dpo_per_device_batch_size=2, num_workers=4),
+    # The learning-effect study (docs/results/README.md says why each number): <= 150 min on 2 cores.
+    "cpu-study": dict(eval_base=1, sft_samples=96, sft_epochs=1, sft_lr=1e-4, sft_batch_size=8,
+                      sft_per_device_batch_size=2, model_max_length=4096, test_tasks=24, train_tasks=24,
+                      iterations=1, max_steps=20, max_new_tokens=128, num_workers=8, dpo_lrs="5e-6",
+                      dpo_betas="0.1", dpo_epochs=2, dpo_batch_size=4, dpo_per_device_batch_size=2),
+}
+
+
+def accumulation_steps(global_batch: int, per_device: int, world_size: int) -> int:
+    """The original's rule (bash integer division): global / world / per-device, at least 1."""
+    return max(1, global_batch // world_size // per_device)
 
 
 def env_default(name: str, default, cast=str):
@@ -43,8 +57,10 @@ def env_default(name: str, default, cast=str):
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("task", choices=TASKS)
-    p.add_argument("exp_name", help="run name; 'demo' applies a small CPU budget unless flags say otherwise")
-    p.add_argument("model_path", nargs="?", default=None, help="base model folder (default: the embedded model)")
+    p.add_argument("exp_name", help=f"run name; a preset name ({', '.join(PRESETS)}) applies that budget "
+                                    "unless flags say otherwise")
+    p.add_argument("model_path", nargs="?", default=None,
+                   help="base model folder (default, or '': the embedded model)")
     p.add_argument("save_path", nargs="?", default="outputs", help="root of all outputs (default: outputs)")
 
     def knob(flag, env, default, cast, text):
@@ -57,32 +73,47 @@ def parse_args(argv=None) -> argparse.Namespace:
         knob("--explore_workers", "EXPLORE_WORKERS", 1, int, "model worker processes serving exploration"),
         knob("--sft_lr", "SFT_LR", 2e-5, float, "SFT learning rate"),
         knob("--sft_epochs", "SFT_EPOCHS", 3, int, "SFT epochs"),
-        knob("--sft_batch_size", "SFT_BATCH_SIZE", 4, int, "SFT per-device batch size"),
+        knob("--sft_batch_size", "SFT_BATCH_SIZE", 64, int, "SFT global batch size (sequences per optimizer step, "
+             "all devices together; accumulation = global // devices // per-device, as in the original)"),
+        knob("--sft_per_device_batch_size", "SFT_PER_DEVICE_BATCH_SIZE", 4, int, "SFT sequences per device per "
+             "forward pass"),
         knob("--dpo_lrs", "DPO_LRS", "1e-6 5e-7", str, "DPO learning rate per iteration (the last repeats)"),
         knob("--dpo_betas", "DPO_BETAS", "0.1 0.5", str, "DPO beta per iteration (the last repeats)"),
         knob("--dpo_epochs", "DPO_EPOCHS", 3, int, "DPO epochs per iteration"),
-        knob("--dpo_batch_size", "DPO_BATCH_SIZE", 4, int, "DPO per-device batch size (pairs)"),
-        knob("--grad_accum", "GRAD_ACCUM", 4, int, "gradient accumulation steps (SFT and DPO)"),
+        knob("--dpo_batch_size", "DPO_BATCH_SIZE", 32, int, "DPO global batch size in pairs (accumulation "
+             "derived as for SFT)"),
+        knob("--dpo_per_device_batch_size", "DPO_PER_DEVICE_BATCH_SIZE", 2, int, "DPO pairs per device per "
+             "forward pass"),
+        knob("--dpo_warmup_ratio", "DPO_WARMUP_RATIO", 0.1, float, "DPO schedule: constant learning rate "
+             "after this warmup fraction, as in the original"),
         knob("--model_max_length", "MODEL_MAX_LENGTH", 4096, int, "training sequence length"),
         knob("--explore_temperature", "EXPLORE_TEMPERATURE", 0.0, float, "0 = greedy, as the original ran"),
         knob("--max_steps", "MAX_STEPS", 0, int, "episode step limit (0 = the task config's)"),
-        knob("--train_tasks", "TRAIN_TASKS", 0, int, "explore only the first N train tasks (0 = all)"),
-        knob("--test_tasks", "TEST_TASKS", 0, int, "evaluate only the first N test tasks (0 = all)"),
-        knob("--sft_samples", "SFT_SAMPLES", 0, int, "use only the first N expert trajectories (0 = all)"),
+        knob("--max_new_tokens", "MAX_NEW_TOKENS", 0, int, "tokens per model answer (0 = the agent config's)"),
+        knob("--train_tasks", "TRAIN_TASKS", 0, int, "explore a fixed subset of N train tasks, spread evenly "
+             "over the task types (0 = all)"),
+        knob("--test_tasks", "TEST_TASKS", 0, int, "evaluate a fixed subset of N test tasks, spread evenly over "
+             "the task types (0 = all); the same tasks at every stage"),
+        knob("--sft_samples", "SFT_SAMPLES", 0, int, "train on a fixed subset of N expert trajectories, spread "
+             "evenly over the task types (0 = all)"),
+        knob("--subset_seed", "SUBSET_SEED", 0, int, "seed of the fixed subsets"),
+        knob("--eval_base", "EVAL_BASE", 0, int, "1 = also evaluate the untuned starting model (stage eval_base)"),
         knob("--lora", "LORA", 0, int, "1 = train LoRA adapters (merged after each stage)"),
         knob("--gpus", "GPUS", "", str, "GPU ids, e.g. 0,1,2,3 (empty = CPU or whatever is visible)"),
         knob("--deepspeed", "DEEPSPEED", "", str, "DeepSpeed config for multi-GPU training"),
         knob("--sft_data", "SFT_DATA", "", str, "expert trajectories (default data/<task>_sft.json)"),
     ]
     args = p.parse_args(argv)
-    demo = args.exp_name == "demo"
+    preset = PRESETS.get(args.exp_name, {})
     for name, env, default, cast in knobs:
         if getattr(args, name) is None:
-            fallback = DEMO.get(name, default) if demo else default
-            setattr(args, name, env_default(env, fallback, cast))
+            setattr(args, name, env_default(env, preset.get(name, default), cast))
+    for flag in ("sft_batch_size", "sft_per_device_batch_size", "dpo_batch_size", "dpo_per_device_batch_size"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag} must be >= 1")
     args.dpo_lrs = [float(x) for x in str(args.dpo_lrs).replace(",", " ").split()]
     args.dpo_betas = [float(x) for x in str(args.dpo_betas).replace(",", " ").split()]
-    if args.model_path is None:
+    if not args.model_path:
         from fastchat.constants import default_model_path
         args.model_path = str(default_model_path())
     if not args.sft_data:
@@ -152,9 +183,15 @@ class Pipeline:
             return ["torchrun", f"--nproc_per_node={ngpu}", "-m", module]
         return [sys.executable, "-m", module]
 
+    def world_size(self) -> int:
+        return max(1, len([g for g in self.a.gpus.split(",") if g.strip()]))
+
+    def batch_flags(self, global_batch: int, per_device: int) -> list[str]:
+        accum = accumulation_steps(global_batch, per_device, self.world_size())
+        return ["--per_device_train_batch_size", str(per_device), "--gradient_accumulation_steps", str(accum)]
+
     def common_train_flags(self) -> list[str]:
-        flags = ["--model_max_length", str(self.a.model_max_length),
-                 "--gradient_accumulation_steps", str(self.a.grad_accum)]
+        flags = ["--model_max_length", str(self.a.model_max_length)]
         if self.cuda:
             flags.append("--bf16")
         if self.a.lora:
@@ -174,6 +211,15 @@ class Pipeline:
         self.run("expert_data", [sys.executable, str(REPO / "scripts" / f"build_{self.a.task}_sft.py")])
         self.finish("expert_data", started, [data])
 
+    def expert_subset(self, records: list[dict]) -> list[dict]:
+        """--sft_samples N expert records, spread evenly over the train split's task types (seeded)."""
+        from eval_agent.config import load_task_config
+        from eval_agent.tasks.base import spread_subset, task_type
+
+        types = {t.id: task_type(t) for t in load_task_config(self.a.task).make_loader().load("train")}
+        return spread_subset(records, self.a.sft_samples, self.a.subset_seed,
+                             kind=lambda rec: types.get(str(rec.get("id")), "other"))
+
     def sft(self) -> Path:
         out = self.run_dir / "models" / "sft"
         if (rec := self.done("sft")):
@@ -187,17 +233,27 @@ class Pipeline:
         if self.a.sft_samples:
             subset = self.run_dir / "data" / "sft_subset.json"
             subset.parent.mkdir(parents=True, exist_ok=True)
-            records = json.loads(data.read_text())[: self.a.sft_samples]
+            records = self.expert_subset(json.loads(data.read_text()))
             subset.write_text(json.dumps(records))
             data = subset
         cmd = self.train_cmd("fastchat.train.train") + [
             "--model_name_or_path", self.a.model_path, "--data_path", str(data), "--output_dir", str(out),
             "--num_train_epochs", str(self.a.sft_epochs), "--learning_rate", str(self.a.sft_lr),
-            "--per_device_train_batch_size", str(self.a.sft_batch_size), "--warmup_ratio", "0.03",
+            *self.batch_flags(self.a.sft_batch_size, self.a.sft_per_device_batch_size), "--warmup_ratio", "0.03",
             "--lr_scheduler_type", "cosine", *self.common_train_flags()]
         self.run("sft", cmd)
         self.finish("sft", started, [out / "config.json"], samples=len(json.loads(data.read_text())))
         return out
+
+    def expert_ids(self) -> Path:
+        """The ids of the expert trajectories: exploration plays only tasks that can form a pair."""
+        path = self.run_dir / "data" / "expert_ids.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ids = [str(rec.get("id")) for rec in json.loads(Path(self.a.sft_data).read_text())]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(ids))
+        os.replace(tmp, path)
+        return path
 
     def episodes(self, stage: str, model: Path, split: str, out: Path, temperature: float,
                  n_tasks: int, workers: int) -> dict:
@@ -211,10 +267,14 @@ class Pipeline:
                    "--controller_address", controller, "--model_name", name, "--exp_config", self.a.task,
                    "--split", split, "--output_path", str(out), "--num_workers", str(self.a.num_workers),
                    "--temperature", str(temperature)]
+            if split == "train":
+                cmd += ["--task_ids", str(self.expert_ids())]
             if n_tasks:
-                cmd += ["--max_tasks", str(n_tasks)]
+                cmd += ["--sample_tasks", str(n_tasks), "--sample_seed", str(self.a.subset_seed)]
             if self.a.max_steps:
                 cmd += ["--max_steps", str(self.a.max_steps)]
+            if self.a.max_new_tokens:
+                cmd += ["--max_new_tokens", str(self.a.max_new_tokens)]
             self.run(stage, cmd)
         metrics = json.loads((out / "metrics.json").read_text())
         self.finish(stage, started, [out / "metrics.json"], metrics=metrics)
@@ -226,7 +286,7 @@ class Pipeline:
         started = time.time()
         self.run(stage, [sys.executable, str(REPO / "scripts" / "construct_preference.py"),
                          "--explore_dir", str(explore_dir), "--expert_path", self.a.sft_data,
-                         "--output_path", str(out)])
+                         "--output_path", str(out), "--task", self.a.task])
         counts = {"pairs": len(json.loads(out.read_text()))}
         found = re.findall(r"win (\d+) / tie (\d+) / lose (\d+)", (self.logs / f"{stage}.log").read_text())
         if found:
@@ -243,8 +303,9 @@ class Pipeline:
         cmd = self.train_cmd("fastchat.train.train_dpo") + [
             "--model_name_or_path", str(model), "--data_path", str(pairs), "--output_dir", str(out),
             "--beta", str(beta), "--learning_rate", str(lr), "--num_train_epochs", str(self.a.dpo_epochs),
-            "--per_device_train_batch_size", str(self.a.dpo_batch_size), "--precompute_ref_logps",
-            *self.common_train_flags()]
+            *self.batch_flags(self.a.dpo_batch_size, self.a.dpo_per_device_batch_size),
+            "--lr_scheduler_type", "constant_with_warmup", "--warmup_ratio", str(self.a.dpo_warmup_ratio),
+            "--precompute_ref_logps", *self.common_train_flags()]
         self.run(stage, cmd)
         self.finish(stage, started, [out / "config.json"], lr=lr, beta=beta)
         return out
@@ -254,6 +315,9 @@ class Pipeline:
         print(f"[eto] task={a.task} exp={a.exp_name} model={a.model_path} outputs={self.run_dir}")
         (self.run_dir / "settings.json").write_text(json.dumps(vars(a), indent=1, default=str))
         self.expert_data()
+        if a.eval_base:
+            self.episodes("eval_base", Path(a.model_path), "test", self.run_dir / "eval" / "base", 0.0,
+                          a.test_tasks, 1)
         model = self.sft()
         self.episodes("eval_sft", model, "test", self.run_dir / "eval" / "sft", 0.0, a.test_tasks, 1)
         for it in range(1, a.iterations + 1):

@@ -1,13 +1,23 @@
-"""Summary of an ETO run: reward and success per stage, pair counts, times (JSON, Markdown, PNG).
+"""Summary of an ETO run: reward and success per stage with 95% bootstrap intervals, the paired
+differences between consecutive test evaluations, pair counts and times (JSON, Markdown, PNG).
 
     python scripts/eto_summary.py outputs/demo     # rebuild the summary of a run folder
+
+Intervals: percentile bootstrap over tasks (10,000 resamples, fixed seed). A paired difference
+(e.g. SFT - base) compares the same test tasks in both stages: its interval resamples the per-task
+differences, and the counts say on how many tasks the later stage scored higher / lower.
 """
 from __future__ import annotations
 
 import json
 import os
+import random
 import sys
 from pathlib import Path
+
+BOOTSTRAP_RESAMPLES = 10_000
+BOOTSTRAP_SEED = 0
+TEST_STAGE_LABELS = {"eval_base": "base", "eval_sft": "SFT"}
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -16,32 +26,109 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def bootstrap_interval(values: list[float], resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED,
+                       level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of `values`."""
+    if not values:
+        return (0.0, 0.0)
+    rng = random.Random(seed)
+    n = len(values)
+    means = sorted(sum(values[rng.randrange(n)] for _ in range(n)) / n for _ in range(resamples))
+    lo = means[int((1 - level) / 2 * resamples)]
+    hi = means[min(resamples - 1, int((1 + level) / 2 * resamples))]
+    return (lo, hi)
+
+
+def paired_difference(before: dict[str, float], after: dict[str, float]) -> dict:
+    """after - before on the tasks both stages played: mean, 95% interval, tasks better / worse / same."""
+    common = sorted(set(before) & set(after))
+    diffs = [after[t] - before[t] for t in common]
+    return {"tasks": len(common), "mean": sum(diffs) / len(diffs) if diffs else 0.0,
+            "ci95": list(bootstrap_interval(diffs)), "better": sum(d > 0 for d in diffs),
+            "worse": sum(d < 0 for d in diffs), "same": sum(d == 0 for d in diffs)}
+
+
+def stage_dir(run_dir: Path, stage: str) -> Path:
+    """eval_base -> eval/base, eval_sft -> eval/sft, eval_iter2 -> eval/iter2, explore_iter1 -> explore/iter1."""
+    kind, _, rest = stage.partition("_")
+    return run_dir / kind / rest
+
+
+def per_task(folder: Path, num_tasks: int | None = None) -> dict[str, dict]:
+    """{task id: {"reward", "success"}} from an evaluation folder's per-task files."""
+    out = {}
+    for path in sorted(folder.glob("*.json")):
+        if path.name.startswith("metrics"):
+            continue
+        try:
+            rec = json.loads(path.read_text())
+            out[str(rec["id"])] = {"reward": float(rec["meta"].get("reward") or 0.0),
+                                   "success": float(bool(rec["meta"].get("success")))}
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return out
+
+
 def collect(run_dir: Path) -> dict:
     stages = {}
     for path in sorted((run_dir / "stages").glob("*.json"), key=lambda p: p.stat().st_mtime):
         stages[path.stem] = json.loads(path.read_text())
-    rows = []
+    rows, tasks_by_stage = [], {}
     for name, rec in stages.items():
         m = rec.get("metrics")
         if m is None:
             continue
-        rows.append({"stage": name, "split": "train" if name.startswith("explore") else "test",
-                     "tasks": m.get("num_tasks"), "average_reward": m.get("average_reward"),
-                     "success_rate": m.get("success_rate"), "seconds": rec.get("seconds")})
+        results = per_task(stage_dir(run_dir, name))
+        n = m.get("num_tasks") or len(results)
+        # a task without a result file counts as 0, as in the stage's own metrics
+        rewards = [r["reward"] for r in results.values()] + [0.0] * max(0, n - len(results))
+        successes = [r["success"] for r in results.values()] + [0.0] * max(0, n - len(results))
+        split = "train" if name.startswith("explore") else "test"
+        rows.append({"stage": name, "split": split, "tasks": n, "average_reward": m.get("average_reward"),
+                     "reward_ci95": list(bootstrap_interval(rewards)), "success_rate": m.get("success_rate"),
+                     "success_ci95": list(bootstrap_interval(successes)), "seconds": rec.get("seconds")})
+        if split == "test":
+            tasks_by_stage[name] = {t: r["reward"] for t, r in results.items()}
+    test_stages = [r["stage"] for r in rows if r["split"] == "test"]
+    order = sorted(test_stages, key=_test_order)
+    differences = [{"after": b, "before": a, "label": f"{_label(b)} - {_label(a)}",
+                    **paired_difference(tasks_by_stage[a], tasks_by_stage[b])} for a, b in zip(order, order[1:])]
     pairs = {name: rec.get("counts") for name, rec in stages.items() if name.startswith("pairs")}
     times = {name: rec.get("seconds") for name, rec in stages.items()}
-    test_curve = [(0, r["average_reward"]) for r in rows if r["stage"] == "eval_sft"]
-    test_curve += [(int(r["stage"].removeprefix("eval_iter")), r["average_reward"])
-                   for r in rows if r["stage"].startswith("eval_iter")]
-    return {"run_dir": str(run_dir), "results": rows, "pairs": pairs, "stage_seconds": times,
-            "total_seconds": round(sum(t or 0 for t in times.values()), 1), "test_reward_by_iteration": test_curve}
+    by_name = {r["stage"]: r for r in rows}
+    curve = [{"stage": s, "label": _label(s), "average_reward": by_name[s]["average_reward"],
+              "reward_ci95": by_name[s]["reward_ci95"]} for s in order]
+    return {"run": run_dir.name, "results": rows, "paired_differences": differences, "pairs": pairs,
+            "stage_seconds": times, "total_seconds": round(sum(t or 0 for t in times.values()), 1),
+            "test_reward_by_stage": curve}
+
+
+def _test_order(stage: str) -> int:
+    if stage in TEST_STAGE_LABELS:
+        return list(TEST_STAGE_LABELS).index(stage) - len(TEST_STAGE_LABELS)
+    return int(stage.removeprefix("eval_iter"))
+
+
+def _label(stage: str) -> str:
+    return TEST_STAGE_LABELS.get(stage) or stage.removeprefix("eval_")
+
+
+def _ci(ci) -> str:
+    return f"[{ci[0]:.4f}, {ci[1]:.4f}]"
 
 
 def markdown(summary: dict) -> str:
-    lines = ["| stage | split | tasks | avg reward | success | time (s) |", "|---|---|---|---|---|---|"]
+    lines = ["| stage | split | tasks | avg reward | 95% CI | success | 95% CI | time (s) |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in summary["results"]:
         lines.append(f"| {r['stage']} | {r['split']} | {r['tasks']} | {r['average_reward']:.4f} | "
-                     f"{r['success_rate']:.4f} | {r['seconds']} |")
+                     f"{_ci(r['reward_ci95'])} | {r['success_rate']:.4f} | {_ci(r['success_ci95'])} | {r['seconds']} |")
+    if summary["paired_differences"]:
+        lines += ["", "| paired difference (same test tasks) | tasks | mean reward diff | 95% CI | better | worse | same |",
+                  "|---|---|---|---|---|---|---|"]
+        for d in summary["paired_differences"]:
+            lines.append(f"| {d['label']} | {d['tasks']} | {d['mean']:+.4f} | {_ci(d['ci95'])} | {d['better']} | "
+                         f"{d['worse']} | {d['same']} |")
     for name, counts in summary["pairs"].items():
         lines.append(f"\n{name}: " + ", ".join(f"{k}={v}" for k, v in (counts or {}).items()))
     other = {k: v for k, v in summary["stage_seconds"].items() if not k.startswith(("eval", "explore"))}
@@ -55,15 +142,19 @@ def plot(summary: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    xs = [x for x, _ in summary["test_reward_by_iteration"]]
-    ys = [y for _, y in summary["test_reward_by_iteration"]]
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.plot(xs, ys, marker="o")
-    ax.set_xlabel("iteration (0 = SFT)")
-    ax.set_ylabel("test average reward")
-    ax.set_xticks(xs)
-    ax.set_ylim(0, max([1.0] + ys))
-    ax.set_title(Path(summary["run_dir"]).name)
+    curve = summary["test_reward_by_stage"]
+    xs = list(range(len(curve)))
+    ys = [c["average_reward"] for c in curve]
+    err = [[y - c["reward_ci95"][0] for y, c in zip(ys, curve)], [c["reward_ci95"][1] - y for y, c in zip(ys, curve)]]
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    ax.errorbar(xs, ys, yerr=err, marker="o", capsize=4)
+    ax.set_xticks(xs, [c["label"] for c in curve])
+    ax.set_xlabel("stage")
+    ax.set_ylabel("test average reward (95% CI)")
+    ax.set_ylim(0, max([0.05] + [c["reward_ci95"][1] * 1.15 for c in curve]))
+    notes = [f"{d['label']}: {d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
+             for d in summary["paired_differences"]]
+    ax.set_title(summary["run"] + ("\n" + "; ".join(notes) if notes else ""), fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")

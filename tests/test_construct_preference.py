@@ -107,3 +107,43 @@ def test_malformed_expert_file_is_refused(tmp_path):
     expert_path.write_text(json.dumps(data))
     proc, _ = run(tmp_path, expert_path, explore)
     assert proc.returncode == 2 and "sft.json: record 1 (id='lose'): reward must be a number" in proc.stderr
+
+
+def _cap_inputs(tmp_path, expert_rounds: int, agent_rounds: int):
+    expert = [{"id": "t", "conversations": trajectory("task t", [f"e{i}" for i in range(expert_rounds)], False),
+               "reward": 1.0}]
+    expert_path = tmp_path / "sft.json"
+    expert_path.write_text(json.dumps(expert))
+    explore = tmp_path / "explore"
+    explore.mkdir()
+    (explore / "t.json").write_text(json.dumps(agent("t", 0.0, actions=[f"a{i}" for i in range(agent_rounds)])))
+    return expert_path, explore
+
+
+@pytest.mark.parametrize("task, kept_rounds", [("webshop", 10), ("sciworld", 10), ("alfworld", 30)])
+def test_task_rule_caps_a_losing_trajectory_at_expert_rounds_plus_5(tmp_path, task, kept_rounds):
+    """The original: WebShop and ScienceWorld keep the expert's rounds + 5 of a losing agent; ALFWorld all."""
+    expert_path, explore = _cap_inputs(tmp_path, expert_rounds=5, agent_rounds=30)
+    proc, out = run(tmp_path, expert_path, explore, "--task", task)
+    assert proc.returncode == 0, proc.stderr
+    pair, = json.loads(out.read_text())
+    rounds = [t for t in pair["rejected"] if t["from"] == "gpt"]
+    assert len(rounds) == kept_rounds and rounds[-1]["value"].endswith(f"a{kept_rounds - 1}")
+    assert pair["rejected"][-1]["from"] == "gpt" and pair["rejected_rounds_total"] == 30
+    assert pair["rejected_cap_rounds"] == (10 if task != "alfworld" else None)
+    assert len([t for t in pair["chosen"] if t["from"] == "gpt"]) == 5  # the expert is never cut
+
+
+def test_explicit_extra_rounds_override_the_task_rule(tmp_path):
+    expert_path, explore = _cap_inputs(tmp_path, expert_rounds=5, agent_rounds=30)
+    proc, out = run(tmp_path, expert_path, explore, "--task", "alfworld", "--rejected_extra_rounds", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert sum(t["from"] == "gpt" for t in json.loads(out.read_text())[0]["rejected"]) == 6
+
+
+def test_no_matching_expert_ids_is_an_error_not_zero_pairs(tmp_path):
+    expert_path, explore = write_inputs(tmp_path, [agent("other-1", 0.0), agent("other-2", 0.0)])
+    proc, out = run(tmp_path, expert_path, explore)
+    assert proc.returncode == 2 and not out.exists()
+    assert "no expert trajectory matches any of the 2 explored task ids" in proc.stderr
+    assert "other-1" in proc.stderr and "lose" in proc.stderr  # names ids of both sides

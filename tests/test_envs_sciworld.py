@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from eval_agent.config import ConfigError, load_task_config
-from eval_agent.envs.base import INVALID_FORMAT_OBSERVATION
+from eval_agent.envs.base import EMPTY_ACTION_OBSERVATION, INVALID_FORMAT_OBSERVATION, TOO_LONG_OBSERVATION
 from eval_agent.envs.sciworld_env import ScienceWorldEnv, simplification_string
 from eval_agent.tasks.base import Task, shard
 from eval_agent.tasks.sciworld import SciWorldTaskLoader
@@ -95,9 +95,11 @@ def test_gold_path_replay_scores_one(env, task_name, variation):
 def test_bad_model_output_keeps_episode_going(env):
     env.switch_task(_task("find-animal", 0))
     env.reset()
-    outputs = ["%%$#@ garbage !!", "", "Thought: let me try.\nAction: fly to the moon", "z" * 10_000]
+    outputs = ["%%$#@ garbage !!", "", "Thought: let me try.\nAction: fly to the moon", "z" * 10_000,
+               "Action: " + "z" * 600, "Thought: hm.\nAction:   "]
     expected = [INVALID_FORMAT_OBSERVATION, INVALID_FORMAT_OBSERVATION,
-                "Observation: No known action matches that input.", INVALID_FORMAT_OBSERVATION]
+                "Observation: No known action matches that input.", INVALID_FORMAT_OBSERVATION,
+                TOO_LONG_OBSERVATION, EMPTY_ACTION_OBSERVATION]
     for i, (output, want) in enumerate(zip(outputs, expected), 1):
         observation, reward, done, _ = env.step(output)
         assert observation == want
@@ -105,7 +107,11 @@ def test_bad_model_output_keeps_episode_going(env):
     # A long thought before a valid action is fine: the action is still executed.
     observation, _, done, info = env.step("w" * 10_000 + "\nAction: look around")
     assert info["action"] == "look around" and observation.startswith("Observation: This room is called")
-    assert env.state.steps == 5 and not done
+    assert env.state.steps == 7 and not done
+    # The original executes the text after the *first* "Action:", to the end of the answer.
+    observation, _, _, info = env.step("Thought: x\nAction: look around\nAction: inventory")
+    assert info["action"] == "look around\nAction: inventory"
+    assert observation == "Observation: No known action matches that input."
 
 
 def test_step_limit_ends_episode(env):
@@ -137,16 +143,36 @@ def test_wrong_focus_fails_with_clipped_reward(env):
     assert reward == progress  # best score reached, never negative
 
 
-def test_easy_simplification_opens_containers(env):
-    assert "noElectricalAction" not in simplification_string("power-component")
-    assert "noElectricalAction" in simplification_string("boil")
-    assert "openContainers" in simplification_string("boil")
-    assert "openContainers" not in simplification_string("grow-fruit")  # its expert fails with them open
+def _used(env) -> set[str]:
+    return {x.strip() for x in env.simulator.get_simplifications_used().split(",") if x.strip()}
+
+
+def test_easy_simplification_is_the_originals(env):
+    """scienceworld 1.1.3's "easy" (ETO's setup): teleport, open doors, self-watering pots, and no electrical
+    actions except in power-component / conductivity tasks; containers stay closed."""
+    env.switch_task(_task("boil", 0))
+    env.reset()
+    assert _used(env) == {"teleportAction", "openDoors", "selfWateringFlowerPots", "noElectricalAction"}
+    env.switch_task(_task("power-component", 0))
+    env.reset()
+    assert _used(env) == {"teleportAction", "openDoors", "selfWateringFlowerPots"}
     env.switch_task(_task("chemistry-mix-paint-secondary-color", 3))
     env.reset()
     env.step("Action: teleport to art studio")
-    observation, *_ = env.step("Action: look around")
-    assert "The large cupboard door is open" in observation
+    assert "The large cupboard door is closed" in env.step("Action: look around")[0]
+
+
+def test_open_containers_is_an_opt_in():
+    e = ScienceWorldEnv(_task("chemistry-mix-paint-secondary-color", 3), max_steps=10, open_containers=True)
+    try:
+        e.reset()
+        assert "openContainers" in _used(e)
+        e.step("Action: teleport to art studio")
+        assert "The large cupboard door is open" in e.step("Action: look around")[0]
+    finally:
+        e.close()
+    assert "openContainers" not in simplification_string("boil")
+    assert "openContainers" in simplification_string("boil", open_containers=True)
 
 
 def test_icl_example_is_a_real_successful_episode(env):

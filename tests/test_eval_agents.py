@@ -112,7 +112,9 @@ def test_fastchat_agent_renders_with_the_worker_template_and_reads_the_stream(se
     assert answer == "Thought: I look.\nAction: look"
     (_, payload), = [r for r in server.requests if r[0] == "/worker_generate_stream"]
     assert payload["prompt"] == render(TEMPLATES["chatml"], MESSAGES, add_generation_prompt=True).text
-    assert payload["stop"] == ["<|im_end|>"] and payload["stop_token_ids"] == [2]
+    # the template's stop, then the original's: never run into an imagined observation or task
+    assert payload["stop"] == ["<|im_end|>", "\nObservation:", "\nTask:", "\n---"]
+    assert payload["stop_token_ids"] == [2]
     assert payload["echo"] is False and payload["truncate"] is False
     assert (payload["temperature"], payload["max_new_tokens"], payload["model"]) == (0.5, 32, "tiny")
 

@@ -13,8 +13,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_BUDGET = ["--iterations", "1", "--train_tasks", "2", "--test_tasks", "2", "--max_steps", "3",
-               "--sft_samples", "4", "--sft_epochs", "1", "--sft_batch_size", "2", "--dpo_batch_size", "2",
-               "--dpo_epochs", "1", "--grad_accum", "1", "--model_max_length", "3072", "--num_workers", "2"]
+               "--sft_samples", "4", "--sft_epochs", "1", "--sft_batch_size", "2", "--sft_per_device_batch_size", "2",
+               "--dpo_batch_size", "2", "--dpo_per_device_batch_size", "2", "--dpo_epochs", "1",
+               "--model_max_length", "3072", "--num_workers", "2", "--eval_base", "1"]
 
 
 def pipeline_cmd(task: str, exp: str, model: Path, save: Path, *extra: str) -> list[str]:
@@ -45,10 +46,17 @@ def test_whole_loop_on_tiny_model(task, tiny_model_dir, tmp_path):
 
     summary = json.loads((run / "summary.json").read_text())
     stages = [r["stage"] for r in summary["results"]]
-    assert stages == ["eval_sft", "explore_iter1", "eval_iter1"]
+    assert stages == ["eval_base", "eval_sft", "explore_iter1", "eval_iter1"]
     for row in summary["results"]:
         assert row["tasks"] == 2 and 0.0 <= row["average_reward"] <= 1.0
-    assert (run / "summary.md").read_text().count("| eval") == 2
+        assert row["reward_ci95"][0] <= row["average_reward"] <= row["reward_ci95"][1]
+    # every evaluation played the same test tasks, so the differences are paired on 2 tasks
+    assert [(d["label"], d["tasks"]) for d in summary["paired_differences"]] == [("SFT - base", 2), ("iter1 - SFT", 2)]
+    evals = [sorted(p.name for p in (run / "eval" / s).glob("*.json") if p.name != "metrics.json")
+             for s in ("base", "sft", "iter1")]
+    assert evals[0] == evals[1] == evals[2]
+    md = (run / "summary.md").read_text()
+    assert md.count("| eval") == 3 and "| SFT - base | 2 |" in md
     assert (run / "summary.png").stat().st_size > 1000
 
     # pairs: every explored task whose reward differs from the expert's gives exactly one pair
@@ -124,3 +132,57 @@ def test_killed_during_exploration_resumes_without_redoing_stages(tiny_model_dir
         if name != "metrics.json":
             assert after[name] == text
     assert json.loads((run / "summary.json").read_text())["results"][-1]["stage"] == "eval_iter1"
+
+
+# -- the training recipe the pipeline hands to the trainers (no training runs here) -----------------
+
+def _pipeline(tmp_path, *flags):
+    sys.path.insert(0, str(REPO / "scripts"))
+    import eto_pipeline
+
+    args = eto_pipeline.parse_args(["webshop", "exp", str(tmp_path / "model"), str(tmp_path / "runs"), *flags])
+    pipeline = eto_pipeline.Pipeline(args)
+    pipeline.commands = {}
+    pipeline.run = lambda stage, cmd: pipeline.commands.__setitem__(stage, cmd)
+    return eto_pipeline, pipeline
+
+
+def _flag(cmd: list[str], name: str) -> str:
+    return cmd[cmd.index(name) + 1]
+
+
+def test_dpo_stage_uses_the_originals_schedule_and_global_batch(tmp_path):
+    _, pipeline = _pipeline(tmp_path)
+    pipeline.dpo("dpo_iter1", tmp_path / "sft", tmp_path / "pairs.json", 1)
+    cmd = pipeline.commands["dpo_iter1"]
+    assert _flag(cmd, "--lr_scheduler_type") == "constant_with_warmup" and _flag(cmd, "--warmup_ratio") == "0.1"
+    # global 32 pairs = 2 per device x 16 accumulation steps on one device
+    assert (_flag(cmd, "--per_device_train_batch_size"), _flag(cmd, "--gradient_accumulation_steps")) == ("2", "16")
+    assert (_flag(cmd, "--learning_rate"), _flag(cmd, "--beta")) == ("1e-06", "0.1")
+
+
+@pytest.mark.parametrize("gpus, sft_accum, dpo_accum", [("", "16", "16"), ("0,1,2,3", "4", "4"),
+                                                        ("0,1,2", "5", "5"), ("0,1,2,3,4,5,6,7", "2", "2")])
+def test_global_batch_gives_the_originals_accumulation(tmp_path, gpus, sft_accum, dpo_accum):
+    """The original's run_eto.sh: accumulation = global / GPUs / per-device in bash integer arithmetic."""
+    eto_pipeline, pipeline = _pipeline(tmp_path, "--gpus", gpus)
+    for global_batch, per_device, accum in ((64, 4, sft_accum), (32, 2, dpo_accum)):
+        world = max(1, len([g for g in gpus.split(",") if g]))
+        assert str(global_batch // world // per_device) == accum  # the rule, restated
+    (tmp_path / "sft.json").write_text("[]")
+    pipeline.a.sft_data = str(tmp_path / "sft.json")
+    pipeline.sft()
+    pipeline.dpo("dpo_iter1", tmp_path / "sft", tmp_path / "pairs.json", 1)
+    sft, dpo = pipeline.commands["sft"], pipeline.commands["dpo_iter1"]
+    assert (_flag(sft, "--per_device_train_batch_size"), _flag(sft, "--gradient_accumulation_steps")) == ("4", sft_accum)
+    assert (_flag(dpo, "--per_device_train_batch_size"), _flag(dpo, "--gradient_accumulation_steps")) == ("2", dpo_accum)
+    assert eto_pipeline.accumulation_steps(4, 2, 8) == 1  # never 0
+
+
+def test_pair_stage_applies_the_task_rule(tmp_path):
+    _, pipeline = _pipeline(tmp_path)
+    (tmp_path / "pairs.json").write_text("[]")  # what the (not run) pair builder would write, and its log
+    (pipeline.logs / "pairs_iter1.log").write_text("win 0 / tie 3 / lose 0 (agent vs expert)\n")
+    assert pipeline.pairs("pairs_iter1", tmp_path / "explore", tmp_path / "pairs.json") == {"pairs": 0, "agent_wins": 0, "ties": 3,
+                                                                                         "agent_loses": 0}
+    assert _flag(pipeline.commands["pairs_iter1"], "--task") == "webshop"

@@ -21,15 +21,22 @@ class ContextOverflowError(ModelError):
     """The prompt does not fit the model's context window."""
 
 
+# As in the original ETO agents: generation also stops where the model starts writing the
+# environment's part (an imagined observation or a new task), so no imagined action runs.
+AGENT_STOP = ("\nObservation:", "\nTask:", "\n---")
+
+
 class Agent(ABC):
-    """Options come from the agent config's "config" mapping (eval_agent/configs/model/*.json)."""
+    """Options come from the agent config's "config" mapping (eval_agent/configs/model/*.json).
+    `stop`: strings that end an answer besides the chat template's own (default AGENT_STOP)."""
 
     def __init__(self, model_name: str, max_new_tokens: int = 512, temperature: float = 0.0,
-                 top_p: float = 1.0, **options: Any):
+                 top_p: float = 1.0, stop: list[str] | None = None, **options: Any):
         self.model_name = model_name
         self.max_new_tokens = int(max_new_tokens)
         self.temperature = float(temperature)
         self.top_p = float(top_p)
+        self.stop = list(AGENT_STOP if stop is None else stop)
         if options:
             raise TypeError(f"{type(self).__name__}: unknown option(s) {sorted(options)}")
 

@@ -139,7 +139,8 @@ class FastChatAgent(Agent):
     def _generate(self, worker_address: str, prompt: str, stop) -> str:
         payload = {
             "model": self.model_name, "prompt": prompt, "temperature": self.temperature, "top_p": self.top_p,
-            "max_new_tokens": self.max_new_tokens, "stop": list(stop), "stop_token_ids": self._stop_token_ids,
+            "max_new_tokens": self.max_new_tokens, "stop": [*stop, *(s for s in self.stop if s not in stop)],
+            "stop_token_ids": self._stop_token_ids,
             "echo": False, "truncate": self.truncate_prompt,
         }
         deadline = time.monotonic() + self.timeout

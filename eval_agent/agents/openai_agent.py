@@ -19,7 +19,7 @@ _OVERFLOW_HINTS = ("context_length_exceeded", "maximum context length", "context
 
 class OpenAIAgent(Agent):
     def __init__(self, model_name: str, api_key: str | None = None, base_url: str | None = None,
-                 timeout: float = 300.0, max_retries: int = 5, stop: list[str] | None = None, **common: Any):
+                 timeout: float = 300.0, max_retries: int = 5, **common: Any):
         super().__init__(model_name, **common)
         api_key = api_key or os.environ.get("OPENAI_API_KEY")
         base_url = base_url or os.environ.get("OPENAI_BASE_URL")
@@ -27,7 +27,6 @@ class OpenAIAgent(Agent):
             if not base_url:
                 raise ModelError("openai agent: set OPENAI_API_KEY (and OPENAI_BASE_URL for a local server)")
             api_key = "EMPTY"  # local OpenAI-compatible servers accept any key
-        self.stop = stop
         self.client = openai.OpenAI(api_key=api_key, base_url=base_url, timeout=float(timeout),
                                     max_retries=int(max_retries))
 

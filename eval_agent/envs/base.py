@@ -14,30 +14,40 @@ from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from typing import Any
 
-# The last "Action:" in the answer wins; the action is the rest of that line.
-_ACTION_RE = re.compile(r"Action\s*:\s*(.*)", re.IGNORECASE)
+# As in the original ETO code: the action is the text after the *first* "Action:" (case-sensitive),
+# to the end of the answer. `first_line_only` keeps only the rest of that line (env option
+# `action_first_line_only: true`, a documented deviation).
+_ACTION_RE = re.compile(r"Action:\s?(.*)", re.DOTALL)
 MAX_ACTION_CHARS = 500
 
-INVALID_FORMAT_OBSERVATION = (
-    "Invalid format: your answer must end with a line 'Action: <action>'. "
-    "Nothing happened."
-)
+# The original's observation for an answer without "Action:", word for word (the step counts).
+INVALID_FORMAT_OBSERVATION = "Observation: Invalid format. The input must contains 'Action: '"
+TOO_LONG_OBSERVATION = (f"Observation: Invalid action. The action after 'Action: ' is longer than "
+                        f"{MAX_ACTION_CHARS} characters. Nothing happened.")
+EMPTY_ACTION_OBSERVATION = "Observation: Invalid action. Nothing follows 'Action: '. Nothing happened."
 
 
-def parse_action(model_output: str) -> str | None:
-    """Return the action in `model_output`, or None when there is none.
+def parse_action(model_output: str, first_line_only: bool = False) -> str | None:
+    """Return the action in `model_output` ("" when "Action:" is followed by nothing), or None when
+    there is no "Action:" at all. The thought before it is kept in the history but never executed."""
+    match = _ACTION_RE.search((model_output or "").strip())
+    if match is None:
+        return None
+    action = match.group(1)
+    if first_line_only:
+        action = action.split("\n", 1)[0]
+    return action.strip()
 
-    The thought before the action is kept in the history by the caller but never executed.
-    """
-    if not model_output:
-        return None
-    matches = _ACTION_RE.findall(model_output)
-    if not matches:
-        return None
-    action = matches[-1].strip().strip("`").strip()
-    if not action or len(action) > MAX_ACTION_CHARS:
-        return None
-    return action
+
+def invalid_action_observation(action: str | None) -> str | None:
+    """The observation for an answer we do not execute, or None when `action` may run."""
+    if action is None:
+        return INVALID_FORMAT_OBSERVATION
+    if not action:
+        return EMPTY_ACTION_OBSERVATION
+    if len(action) > MAX_ACTION_CHARS:
+        return TOO_LONG_OBSERVATION
+    return None
 
 
 @dataclass
@@ -55,8 +65,9 @@ class State:
 class BaseEnv(ABC):
     """One episode of one task. Not thread-safe: use one instance per concurrent episode."""
 
-    def __init__(self, task: Any, max_steps: int, **env_options: Any):
+    def __init__(self, task: Any, max_steps: int, action_first_line_only: bool = False, **env_options: Any):
         self.task = task
+        self.action_first_line_only = bool(action_first_line_only)
         self.max_steps = int(max_steps)
         self.env_options = env_options
         self.state = State()
@@ -69,10 +80,11 @@ class BaseEnv(ABC):
         if self.state.finished:
             raise RuntimeError("step() called on a finished episode; call reset() first")
         self.state.steps += 1
-        action = parse_action(model_output)
-        if action is None:
-            observation = INVALID_FORMAT_OBSERVATION
-            info: dict[str, Any] = {"action": None, "valid_format": False}
+        action = parse_action(model_output, self.action_first_line_only)
+        invalid = invalid_action_observation(action)
+        if invalid is not None:
+            observation = invalid
+            info: dict[str, Any] = {"action": action, "valid_format": False}
         else:
             observation, reward, done, success = self._act(action)
             self.state.reward = max(self.state.reward, float(reward))

@@ -28,24 +28,20 @@ from typing import Any
 
 from eval_agent.envs.base import BaseEnv
 
-# ScienceWorld paper's "easy": teleporting, open doors and containers, self-watering
-# flower pots, and no electrical actions except in electrical tasks. The 1.2.3
-# jar's own "easy" keeps containers closed, so we spell the set out ourselves.
-_EASY = ("teleportAction", "openDoors", "openContainers", "selfWateringFlowerPots")
+# The original's "easy" (scienceworld 1.1.3, which ETO installs): teleporting, open doors,
+# self-watering flower pots, and no electrical actions except in electrical tasks. Containers
+# stay closed; env option `open_containers: true` adds "openContainers" (opt-in, not the original).
+_EASY = ("teleportAction", "openDoors", "selfWateringFlowerPots")
 _ELECTRICAL_MARKERS = ("power-component", "conductivity")
-# Except for grow-fruit: with containers open the simulator's own expert fails it
-# (measured on variations 11, 20, 42: best score 46-50; all four tried succeed with
-# them closed), so there containers stay closed as in the jar's "easy".
-_CLOSED_CONTAINER_TASKS = ("grow-fruit",)
 _TASK_DESC_HEADER = "Task Description:"
 OBSERVATION_PREFIX = "Observation: "
 
 
-def simplification_string(task_name: str, simplification: str = "easy") -> str:
+def simplification_string(task_name: str, simplification: str = "easy", open_containers: bool = False) -> str:
     """The comma-separated simplification list the simulator gets for `task_name`."""
     if simplification != "easy":
         return simplification
-    parts = [p for p in _EASY if not (p == "openContainers" and task_name in _CLOSED_CONTAINER_TASKS)]
+    parts = list(_EASY) + (["openContainers"] if open_containers else [])
     if not any(m in task_name for m in _ELECTRICAL_MARKERS):
         parts.append("noElectricalAction")
     return ",".join(parts)
@@ -64,9 +60,11 @@ class ScienceWorldEnv(BaseEnv):
     "max_steps" is optional. env option `simplification`: "easy" (default) or the
     simulator's own comma-separated list."""
 
-    def __init__(self, task: Any, max_steps: int, simplification: str = "easy", **env_options: Any):
-        super().__init__(task, max_steps, simplification=simplification, **env_options)
+    def __init__(self, task: Any, max_steps: int, simplification: str = "easy", open_containers: bool = False,
+                 **env_options: Any):
+        super().__init__(task, max_steps, **env_options)
         self.simplification = simplification
+        self.open_containers = bool(open_containers)
         self._fallback_max_steps = int(max_steps)
         self._sim = None  # the package's ScienceWorldEnv, owning the JVM
         self.switch_task(task)
@@ -106,7 +104,7 @@ class ScienceWorldEnv(BaseEnv):
 
     # -- BaseEnv -----------------------------------------------------------------
     def _load(self, gold_path: bool) -> None:
-        simplifications = simplification_string(self.task_name, self.simplification)
+        simplifications = simplification_string(self.task_name, self.simplification, self.open_containers)
         # load() builds a fresh world; the package's reset() would rebuild it a second time.
         self.simulator.load(self.task_name, self.variation, simplifications, generateGoldPath=gold_path)
 

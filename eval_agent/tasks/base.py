@@ -49,3 +49,34 @@ def shard(tasks: list[Task], part_num: int, part_idx: int) -> list[Task]:
     start = part_idx * size + min(part_idx, extra)
     end = start + size + (1 if part_idx < extra else 0)
     return tasks[start:end]
+
+
+def task_type(task: Task) -> str:
+    """The task's type for spreading subsets: ALFWorld's task_type, ScienceWorld's task_name, else one type."""
+    return str(task.data.get("task_type") or task.data.get("task_name") or "all")
+
+
+def spread_subset(items: list, n: int, seed: int, kind=task_type) -> list:
+    """A fixed, seeded choice of `n` items spread evenly over their types (kind(item)): each type's items
+    are shuffled with `seed`, then types are visited in turn (sorted by name) taking one item each,
+    until `n` are taken. The result keeps the items' original order, so every stage of a run that
+    asks for the same (n, seed) gets the same items."""
+    if n <= 0 or n >= len(items):
+        return list(items)
+    import random
+
+    rng = random.Random(seed)
+    by_type: dict[str, list[int]] = {}
+    for i, item in enumerate(items):
+        by_type.setdefault(kind(item), []).append(i)
+    queues = []
+    for name in sorted(by_type):
+        positions = by_type[name][:]
+        rng.shuffle(positions)
+        queues.append(positions)
+    chosen: list[int] = []
+    while len(chosen) < n:
+        for queue in queues:
+            if queue and len(chosen) < n:
+                chosen.append(queue.pop())
+    return [items[i] for i in sorted(chosen)]
