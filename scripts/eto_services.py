@@ -70,8 +70,9 @@ class Services:
                 raise StageFailed(stage, log, proc.returncode, f"{name} exited while starting")
 
     @contextlib.contextmanager
-    def serving(self, model: Path, model_name: str, n_workers: int, stage: str):
-        """A controller and `n_workers` workers for `model`; yields the controller address."""
+    def serving(self, model: Path, model_name: str, n_workers: int, stage: str, batch_size: int = 8):
+        """A controller and `n_workers` workers for `model` (each decoding up to `batch_size` sequences
+        together and keeping as many prompts' KV caches); yields the controller address."""
         port = free_port()
         controller = f"http://127.0.0.1:{port}"
         self._start(f"{stage}.controller", [sys.executable, "-m", "fastchat.serve.controller",
@@ -81,7 +82,8 @@ class Services:
             self._start(f"{stage}.worker{i}", [
                 sys.executable, "-m", "fastchat.serve.model_worker", "--model-path", str(model),
                 "--model-names", model_name, "--host", "127.0.0.1", "--port", str(wport),
-                "--worker-address", f"http://127.0.0.1:{wport}", "--controller-address", controller])
+                "--worker-address", f"http://127.0.0.1:{wport}", "--controller-address", controller,
+                "--max-batch-size", str(batch_size), "--prefix-cache-size", str(batch_size)])
         try:
             self.wait_ready(controller, model_name, n_workers, stage)
             yield controller

@@ -40,3 +40,13 @@ def test_invalid_answers_get_the_originals_wording_or_say_what_is_wrong():
 
 def test_agents_stop_where_the_original_stops():
     assert AGENT_STOP == ("\nObservation:", "\nTask:", "\n---")
+
+
+def test_each_env_uses_the_originals_pattern():
+    from eval_agent.envs.alfworld_env import AlfWorldEnv
+    from eval_agent.envs.sciworld_env import ScienceWorldEnv
+    from eval_agent.envs.webshop_env import WebShopEnv
+
+    for env_class, accepts_no_space in ((AlfWorldEnv, True), (ScienceWorldEnv, False), (WebShopEnv, False)):
+        assert parse_action("Action: look", pattern=env_class.action_pattern) == "look"
+        assert (parse_action("Action:look", pattern=env_class.action_pattern) == "look") is accepts_no_space

@@ -215,13 +215,3 @@ def test_sft_thoughts_follow_the_state():
     expert.thought("take pen 2 from shelf 1", "On the shelf 1, you see a pen 2.")
     assert "completes the task" in expert.thought("put pen 2 in/on drawer 1", "")
     assert expert.reached_goal()
-
-
-def test_sft_builder_uses_the_official_file_when_present(tmp_path, monkeypatch):
-    official = tmp_path / "eto_sft" / "alfworld_sft.json"
-    official.parent.mkdir()
-    official.write_text(json.dumps([{"id": "x", "conversations": [], "reward": 1.0}]))
-    monkeypatch.setenv("ETO_DATA_DIR", str(tmp_path))
-    out = tmp_path / "alfworld_sft.json"
-    assert build_alfworld_sft.main(["--out", str(out)]) == 0
-    assert out.read_bytes() == official.read_bytes()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from eval_agent.config import ConfigError, load_task_config
-from eval_agent.envs.base import EMPTY_ACTION_OBSERVATION, INVALID_FORMAT_OBSERVATION, TOO_LONG_OBSERVATION
+from eval_agent.envs.base import INVALID_FORMAT_OBSERVATION, TOO_LONG_OBSERVATION
 from eval_agent.envs.sciworld_env import ScienceWorldEnv, simplification_string
 from eval_agent.tasks.base import Task, shard
 from eval_agent.tasks.sciworld import SciWorldTaskLoader
@@ -96,10 +96,10 @@ def test_bad_model_output_keeps_episode_going(env):
     env.switch_task(_task("find-animal", 0))
     env.reset()
     outputs = ["%%$#@ garbage !!", "", "Thought: let me try.\nAction: fly to the moon", "z" * 10_000,
-               "Action: " + "z" * 600, "Thought: hm.\nAction:   "]
+               "Action: " + "z" * 600, "Thought: hm.\nAction:   "]  # the last: no "Action: " once stripped
     expected = [INVALID_FORMAT_OBSERVATION, INVALID_FORMAT_OBSERVATION,
                 "Observation: No known action matches that input.", INVALID_FORMAT_OBSERVATION,
-                TOO_LONG_OBSERVATION, EMPTY_ACTION_OBSERVATION]
+                TOO_LONG_OBSERVATION, INVALID_FORMAT_OBSERVATION]
     for i, (output, want) in enumerate(zip(outputs, expected), 1):
         observation, reward, done, _ = env.step(output)
         assert observation == want

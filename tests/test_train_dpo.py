@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -144,6 +145,18 @@ def test_cli_dpo_run_raises_the_margin(tiny_model_dir, tmp_path):
     assert (out / "eto_template.txt").read_text().strip() == "chatml"
     AutoModelForCausalLM.from_pretrained(out)
     assert json.loads((out / "train_summary.json").read_text())["pairs"] == 8
+
+    # the diagnostics script sees the same effect from outside: chosen up relative to rejected, on most pairs
+    diag_path = tmp_path / "diag.json"
+    proc = subprocess.run([sys.executable, "scripts/dpo_diagnostics.py", "--pairs", str(tmp_path / "pairs.json"),
+                           "--before", str(tiny_model_dir), "--after", str(out), "--model_max_length", "128",
+                           "--out", str(diag_path)], capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=Path(__file__).resolve().parent.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    diag = json.loads(diag_path.read_text())
+    assert diag["summary"]["pairs"] == 8 and diag["summary"]["fraction_margin_positive"] >= 0.75
+    assert diag["summary"]["mean_change_chosen"] > diag["summary"]["mean_change_rejected"]
+    assert [e["step"] for e in diag["trainer_log"]] == [e["step"] for e in logs]
 
 
 @pytest.mark.slow

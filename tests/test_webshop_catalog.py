@@ -1,11 +1,12 @@
 """Catalog loading (mirror documents and WebShop's raw release format) and goal generation."""
 import itertools
 import json
+import random
 
 import pytest
 
 from webshop.catalog import CatalogError, load_catalog, load_raw
-from webshop.goals import GOAL_SEED, PRICE_STEPS, build_goals
+from webshop.goals import GOAL_SEED, NO_PRICE_BOUND, PRICE_STEPS, build_goals
 from webshop.text_env import shared_shop
 
 
@@ -48,6 +49,64 @@ def test_goal_order_is_fixed_by_seed(shop):
     assert GOAL_SEED == 233
     assert [g["instruction_text"] for g in again] == [g["instruction_text"] for g in shop.goals]
     assert [g["goal_idx"] for g in again] == list(range(len(again)))
+
+
+def webshop_shuffle(goals: list) -> list:
+    """WebShop's step after building every goal: random.seed(233); random.shuffle(goals), on the global generator."""
+    saved = random.getstate()
+    try:
+        random.seed(233)
+        random.shuffle(goals)
+    finally:
+        random.setstate(saved)
+    return goals
+
+
+def price_text(goal) -> str:
+    upper = goal["price_upper"]
+    return f", and price lower than {upper:.2f} dollars" if upper < NO_PRICE_BOUND else ""
+
+
+def test_goal_i_is_webshops_synthetic_goal_i(shop):
+    # WebShop's unshuffled list: products in catalog order, each product's option combinations in
+    # itertools.product order over the sorted option names
+    unshuffled = []
+    for p in shop.catalog.products:
+        if not p.get("instruction_text"):
+            continue
+        names = sorted(p["options"])
+        for values in itertools.product(*(p["options"][n] for n in names)):
+            options = dict(zip(names, values))
+            listed = ", and ".join(f"{k}: {v}" for k, v in options.items())
+            unshuffled.append((p["asin"], p["instruction_text"] + (f" with {listed}" if listed else ""), options))
+    expected = webshop_shuffle(unshuffled)
+    assert len(shop.goals) == len(expected)
+    bounds = {}
+    for goal, (asin, text, options) in zip(shop.goals, expected):
+        wanted = (asin, text + price_text(goal), options)
+        assert (goal["asin"], goal["instruction_text"], goal["goal_options"]) == wanted
+        bounds.setdefault(asin, set()).add(goal["price_upper"])
+    assert all(len(b) == 1 for b in bounds.values())  # one bound per product, shared by its combinations
+
+
+def test_goal_i_is_webshops_human_goal_i(tmp_path):
+    asins = [f"B0HUMAN{i:03d}" for i in range(4)]
+    raw = [{"asin": a, "name": f"Product {a}", "pricing": f"${10 + 7 * i}.00", "product_category": "A › B",
+            "category": "c", "query": "q"} for i, a in enumerate(asins)]
+    human = {a: [{"instruction": f"i want {a} number {k}.", "instruction_attributes": ["soft"] if k != 1 else [],
+                  "instruction_options": [f"size {k}"]} for k in range(3)] for a in asins}
+    (tmp_path / "items.json").write_text(json.dumps(raw))
+    (tmp_path / "attrs.json").write_text(json.dumps({a: {"attributes": ["soft"]} for a in asins}))
+    (tmp_path / "human.json").write_text(json.dumps(human))
+    goals = build_goals(load_raw(tmp_path / "items.json", tmp_path / "attrs.json", tmp_path / "human.json"))
+    # products in file order, each one's instructions in order, those without attributes skipped
+    unshuffled = [(a, ins["instruction"].strip("."), ins["instruction_options"])
+                  for a in asins for ins in human[a] if ins["instruction_attributes"]]
+    expected = webshop_shuffle(unshuffled)
+    assert len(goals) == 8
+    for goal, (asin, text, options) in zip(goals, expected):
+        wanted = (asin, text + price_text(goal), options)
+        assert (goal["asin"], goal["instruction_text"], goal["goal_options"]) == wanted
 
 
 def test_human_goals_need_the_raw_human_file(shop):

@@ -9,9 +9,13 @@ asin / category / query / name / product_category (read by the type score of the
 - Human goals (when the raw `items_human_ins.json` is loaded): one per human instruction with attributes; options
   are the list of values the worker picked.
 
-As WebShop does, the price bound is drawn from the multiples of 10 just above the product's price, and the goal
-list is built and shuffled from `random.seed(233)`, so goal index i is WebShop's goal i (and ETO's index files
-address the same human goals when the full data is present).
+As WebShop does, a price bound is drawn from the multiples of 10 just above the product's price (once per
+synthetic product, shared by its option combinations; once per human instruction), and only once the whole list is
+built is it shuffled by a fresh seed-233 generator (WebShop: `random.seed(233); random.shuffle(goals)`). The order
+therefore depends on nothing but the unshuffled list, so goal index i is WebShop's goal i, and ETO's index files
+address the same human goals when the full data is present. WebShop drew the bounds from its unseeded global
+generator, so no seed reproduces its bounds; ours come from a generator of their own with a fixed seed, which keeps
+them reproducible and out of the shuffle's way.
 """
 from __future__ import annotations
 
@@ -22,7 +26,8 @@ from typing import Any
 
 from webshop.catalog import Catalog
 
-GOAL_SEED = 233
+GOAL_SEED = 233  # WebShop's shuffle seed
+PRICE_BOUND_SEED = 233  # ours; keeps the bounds that earlier versions of this engine drew
 PRICE_STEPS = [10.0 * i for i in range(1, 100)]
 NO_PRICE_BOUND = 1000000
 
@@ -95,9 +100,9 @@ def build_goals(catalog: Catalog, human: bool | None = None) -> list[dict[str, A
         human = has_human_goals(catalog)
     if human and not has_human_goals(catalog):
         raise ValueError(f"{catalog.source}: human goals need the raw items_human_ins.json, which is not loaded")
-    rng = random.Random(GOAL_SEED)
-    goals = human_goals(catalog, rng) if human else synthetic_goals(catalog, rng)
-    rng.shuffle(goals)
+    price_rng = random.Random(PRICE_BOUND_SEED)
+    goals = human_goals(catalog, price_rng) if human else synthetic_goals(catalog, price_rng)
+    random.Random(GOAL_SEED).shuffle(goals)  # same permutation as WebShop's random.seed(233); random.shuffle
     for i, g in enumerate(goals):
         g["goal_idx"] = i
     return goals

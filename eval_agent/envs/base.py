@@ -16,8 +16,10 @@ from typing import Any
 
 # As in the original ETO code: the action is the text after the *first* "Action:" (case-sensitive),
 # to the end of the answer. `first_line_only` keeps only the rest of that line (env option
-# `action_first_line_only: true`, a documented deviation).
-_ACTION_RE = re.compile(r"Action:\s?(.*)", re.DOTALL)
+# `action_first_line_only: true`, a documented deviation). The original's ALFWorld pattern allows no
+# space after the colon; its WebShop and ScienceWorld patterns need one (envs set `action_pattern`).
+ACTION_PATTERN = r"Action:\s?(.*)"
+ACTION_PATTERN_WITH_SPACE = r"Action: (.*)"
 MAX_ACTION_CHARS = 500
 
 # The original's observation for an answer without "Action:", word for word (the step counts).
@@ -27,10 +29,10 @@ TOO_LONG_OBSERVATION = (f"Observation: Invalid action. The action after 'Action:
 EMPTY_ACTION_OBSERVATION = "Observation: Invalid action. Nothing follows 'Action: '. Nothing happened."
 
 
-def parse_action(model_output: str, first_line_only: bool = False) -> str | None:
+def parse_action(model_output: str, first_line_only: bool = False, pattern: str = ACTION_PATTERN) -> str | None:
     """Return the action in `model_output` ("" when "Action:" is followed by nothing), or None when
     there is no "Action:" at all. The thought before it is kept in the history but never executed."""
-    match = _ACTION_RE.search((model_output or "").strip())
+    match = re.search(pattern, (model_output or "").strip(), re.DOTALL)
     if match is None:
         return None
     action = match.group(1)
@@ -65,6 +67,8 @@ class State:
 class BaseEnv(ABC):
     """One episode of one task. Not thread-safe: use one instance per concurrent episode."""
 
+    action_pattern = ACTION_PATTERN
+
     def __init__(self, task: Any, max_steps: int, action_first_line_only: bool = False, **env_options: Any):
         self.task = task
         self.action_first_line_only = bool(action_first_line_only)
@@ -80,7 +84,7 @@ class BaseEnv(ABC):
         if self.state.finished:
             raise RuntimeError("step() called on a finished episode; call reset() first")
         self.state.steps += 1
-        action = parse_action(model_output, self.action_first_line_only)
+        action = parse_action(model_output, self.action_first_line_only, self.action_pattern)
         invalid = invalid_action_observation(action)
         if invalid is not None:
             observation = invalid

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from eval_agent.envs.base import BaseEnv
+from eval_agent.envs.base import ACTION_PATTERN_WITH_SPACE, BaseEnv
 
 # The original's "easy" (scienceworld 1.1.3, which ETO installs): teleporting, open doors,
 # self-watering flower pots, and no electrical actions except in electrical tasks. Containers
@@ -59,6 +59,8 @@ class ScienceWorldEnv(BaseEnv):
     """`task.data` needs "task_name" (ETO's or the simulator's spelling) and "variation";
     "max_steps" is optional. env option `simplification`: "easy" (default) or the
     simulator's own comma-separated list."""
+
+    action_pattern = ACTION_PATTERN_WITH_SPACE  # the original's pattern for this env
 
     def __init__(self, task: Any, max_steps: int, simplification: str = "easy", open_containers: bool = False,
                  **env_options: Any):

@@ -5,7 +5,7 @@ observation_mode: text_rich). Reward is the purchase score; success means a perf
 """
 from __future__ import annotations
 
-from eval_agent.envs.base import BaseEnv
+from eval_agent.envs.base import ACTION_PATTERN_WITH_SPACE, BaseEnv
 from eval_agent.paths import webshop_data_dir
 from webshop.text_env import WebShopTextEnv, shared_shop
 
@@ -13,6 +13,8 @@ OBSERVATION_PREFIX = "Observation:\n"
 
 
 class WebShopEnv(BaseEnv):
+    action_pattern = ACTION_PATTERN_WITH_SPACE  # the original's pattern for this env
+
     def __init__(self, task, max_steps: int, data_dir: str | None = None, observation_mode: str = "text",
                  **env_options):
         super().__init__(task, max_steps, **env_options)

@@ -36,6 +36,7 @@ from fastchat.train.data import IGNORE_INDEX, DataError, DPOCollator, encode_dpo
 class DPOTrainingArguments(EtoTrainingArguments):
     beta: float = field(default=0.1, metadata={"help": "DPO temperature: strength of the pull towards the reference"})
     learning_rate: float = 1e-6
+    logging_steps: float = 1  # DPO runs few optimizer steps: log each one (loss, margins, accuracies)
     precompute_ref_logps: bool = field(default=False, metadata={
         "help": "compute reference log-probs once before training and keep no reference model in memory"})
     ref_model_name_or_path: str | None = field(default=None, metadata={
