@@ -26,7 +26,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from eval_agent.agents import Agent, load_agent_config, make_agent
-from eval_agent.config import ConfigError, load_task_config
+from eval_agent.config import TASK_PATH_ENV, ConfigError, describe_tasks, load_task_config
 from eval_agent.runner import (EnvPool, compute_metrics, is_complete, is_infrastructure_failure, read_result,
                                run_episode, task_filename, write_json_atomic)
 from eval_agent.tasks.base import shard, spread_subset
@@ -39,8 +39,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--agent_config", default="fastchat",
                    help="agent config: a name in --agent_path (default eval_agent/configs/model) or a JSON path")
     p.add_argument("--agent_path", default=None, help="folder of agent configs")
-    p.add_argument("--exp_config", default="webshop", help="task config: alfworld, sciworld, webshop, or a YAML path")
-    p.add_argument("--exp_path", default=None, help="folder of task configs (default eval_agent/configs/task)")
+    p.add_argument("--exp_config", default="webshop",
+                   help=f"task: a task name ({describe_tasks()}; more with --task_path) or a YAML path")
+    # --exp_path: the original ETO's name for it
+    p.add_argument("--task_path", "--exp_path", action="append", default=[], metavar="DIR",
+                   help=f"also find task configs in DIR (repeatable; after eval_agent/configs/task, before "
+                        f"${TASK_PATH_ENV}'s folders)")
     p.add_argument("--exp_name", default="", help="suffix of the default output folder, e.g. _sft")
     p.add_argument("--model_name", default=None, help="model name served by the controller (overrides the config)")
     p.add_argument("--split", default="test", choices=["train", "dev", "test"])
@@ -106,8 +110,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace, agent: Agent | None = None, envs: EnvPool | None = None) -> int:
     """Run the shard described by `args`. `agent` replaces the one built from --agent_config;
     `envs` lends already started envs. Lent agents and envs are left open."""
-    exp = args.exp_config
-    cfg = load_task_config(Path(args.exp_path) / f"{exp}.yaml" if args.exp_path and not Path(exp).suffix else exp)
+    cfg = load_task_config(args.exp_config, args.task_path)
     own_agent = agent is None
     if agent is None:
         agent_path, agent_raw = load_agent_config(args.agent_config, args.agent_path)

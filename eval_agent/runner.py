@@ -63,7 +63,8 @@ class EnvPool:
                     self._local.env = None
                     self._close(env)
                     raise
-            env = self.env_class(task, max_steps=self.cfg.max_steps, **self.cfg.env_options)
+            env = self.env_class(task, max_steps=self.cfg.max_steps, success_reward=self.cfg.success_reward,
+                                     **self.cfg.env_options)
         with self._guard:
             self._open.add(env)
         return env

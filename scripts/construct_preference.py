@@ -26,6 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from eval_agent.config import TASK_PATH_ENV, ConfigError, describe_tasks, load_task_config
 from eval_agent.runner import is_infrastructure_failure
 
 PROMPT_TURNS = 3  # instruction, "OK", task
@@ -176,7 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max_rejected_turns", type=int, default=None,
                    help="keep at most this many gpt turns of the rejected trajectory")
     p.add_argument("--task", default=None,
-                   help="task config name: applies its rejected-trajectory rule (rejected_extra_rounds)")
+                   help=f"task name ({describe_tasks()}; more with --task_path): applies its "
+                        "rejected-trajectory rule (rejected_extra_rounds)")
+    p.add_argument("--task_path", action="append", default=[], metavar="DIR",
+                   help=f"also find task configs in DIR (repeatable; before ${TASK_PATH_ENV}'s folders)")
     p.add_argument("--rejected_extra_rounds", type=int, default=None,
                    help="a losing agent trajectory keeps at most the expert's rounds + K (overrides --task's)")
     p.add_argument("--ignore_prompt_mismatch", action="store_true",
@@ -186,9 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--max_rejected_turns must be at least 1")
     extra = a.rejected_extra_rounds
     if extra is None and a.task:
-        from eval_agent.config import ConfigError, load_task_config
         try:
-            extra = load_task_config(a.task).rejected_extra_rounds
+            extra = load_task_config(a.task, a.task_path).rejected_extra_rounds
         except ConfigError as e:
             p.error(str(e))
     if extra is not None and extra < 0:

@@ -30,7 +30,8 @@ sys.path.insert(0, str(REPO / "scripts"))
 from eto_services import Services, StageFailed, stop_group  # noqa: E402
 from eto_summary import write_summary  # noqa: E402
 
-TASKS = ("webshop", "sciworld", "alfworld")
+from eval_agent.config import TASK_PATH_ENV, ConfigError, describe_tasks, load_task_config, task_folders  # noqa: E402
+
 # Presets: a small budget for the default model on CPU. Flags and environment variables win over them.
 PRESETS = {
     "demo": dict(sft_samples=24, sft_epochs=1, train_tasks=4, test_tasks=4, iterations=1, max_steps=10,
@@ -61,12 +62,14 @@ def env_default(name: str, default, cast=str):
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("task", choices=TASKS)
+    p.add_argument("task", help=f"task name ({describe_tasks()}; more with --task_path)")
     p.add_argument("exp_name", help=f"run name; a preset name ({', '.join(PRESETS)}) applies that budget "
                                     "unless flags say otherwise")
     p.add_argument("model_path", nargs="?", default=None,
                    help="base model folder (default, or '': the embedded model)")
     p.add_argument("save_path", nargs="?", default="outputs", help="root of all outputs (default: outputs)")
+    p.add_argument("--task_path", action="append", default=[], metavar="DIR",
+                   help=f"also find task configs in DIR (repeatable; before ${TASK_PATH_ENV}'s folders)")
 
     def knob(flag, env, default, cast, text):
         p.add_argument(flag, default=None, type=cast, help=f"{text} [env {env}; default {default}]")
@@ -108,9 +111,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         knob("--lora", "LORA", 0, int, "1 = train LoRA adapters (merged after each stage)"),
         knob("--gpus", "GPUS", "", str, "GPU ids, e.g. 0,1,2,3 (empty = CPU or whatever is visible)"),
         knob("--deepspeed", "DEEPSPEED", "", str, "DeepSpeed config for multi-GPU training"),
-        knob("--sft_data", "SFT_DATA", "", str, "expert trajectories (default data/<task>_sft.json)"),
+        knob("--sft_data", "SFT_DATA", "", str, "expert trajectories (default: the task config's expert_data.path)"),
     ]
     args = p.parse_args(argv)
+    try:
+        cfg = load_task_config(args.task, args.task_path)
+    except ConfigError as e:
+        p.error(str(e))
     preset = PRESETS.get(args.exp_name, {})
     for name, env, default, cast in knobs:
         if getattr(args, name) is None:
@@ -124,7 +131,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         from fastchat.constants import default_model_path
         args.model_path = str(default_model_path())
     if not args.sft_data:
-        args.sft_data = str(REPO / "data" / f"{args.task}_sft.json")
+        if cfg.expert_data is None:
+            p.error(f"{cfg.path}: no field 'expert_data' (path and build); give --sft_data")
+        args.sft_data = str(cfg.expert_data_path())
     # subprocesses run from the repository root: make user-relative paths absolute
     for name in ("model_path", "sft_data", "deepspeed"):
         value = getattr(args, name)
@@ -141,7 +150,10 @@ class Pipeline:
         self.stages = self.run_dir / "stages"
         for d in (self.logs, self.stages):
             d.mkdir(parents=True, exist_ok=True)
+        self.cfg = load_task_config(args.task, args.task_path)
         self.env = dict(os.environ)
+        # stages find the task by name as this process does, from the repository root
+        self.env[TASK_PATH_ENV] = os.pathsep.join(str(f) for f in task_folders(args.task_path)[1:])
         if args.gpus:
             self.env["CUDA_VISIBLE_DEVICES"] = args.gpus
         self.services = Services(self.logs, self.env)
@@ -166,14 +178,14 @@ class Pipeline:
         os.replace(tmp, self.stages / f"{stage}.json")
         return record
 
-    def run(self, stage: str, cmd: list[str]) -> None:
+    def run(self, stage: str, cmd: list[str], cwd: Path = REPO) -> None:
         log_path = self.logs / f"{stage}.log"
         print(f"[eto] {stage}: running (log: {log_path})", flush=True)
         with open(log_path, "a") as log:
             log.write(f"\n$ {' '.join(cmd)}\n")
             log.flush()
             # own process group: on interrupt the stage and everything it started (env workers, JVMs) go
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=REPO,
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=cwd,
                                     start_new_session=True)
             try:
                 code = proc.wait()
@@ -208,22 +220,25 @@ class Pipeline:
         return flags
 
     def expert_data(self) -> None:
-        """Build the default expert file when it is missing (ScienceWorld's replays take minutes)."""
+        """Build the task's expert file with its config's expert_data.build when it is missing
+        (ScienceWorld's replays take minutes)."""
         data = Path(self.a.sft_data)
         if data.exists():
             return
-        if data != REPO / "data" / f"{self.a.task}_sft.json":
+        if self.cfg.expert_data is None or data != self.cfg.expert_data_path():
             raise StageFailed("expert_data", data, 1, f"expert data {data} not found")
         started = time.time()
-        self.run("expert_data", [sys.executable, str(REPO / "scripts" / f"build_{self.a.task}_sft.py")])
+        self.run("expert_data", self.cfg.expert_build_command(), cwd=self.cfg.path.parent)
+        if not data.exists():
+            raise StageFailed("expert_data", self.logs / "expert_data.log", 1,
+                              f"expert_data.build of {self.cfg.path} wrote no {data}")
         self.finish("expert_data", started, [data])
 
     def expert_subset(self, records: list[dict]) -> list[dict]:
         """--sft_samples N expert records, spread evenly over the train split's task types (seeded)."""
-        from eval_agent.config import load_task_config
         from eval_agent.tasks.base import spread_subset, task_type
 
-        types = {t.id: task_type(t) for t in load_task_config(self.a.task).make_loader().load("train")}
+        types = {t.id: task_type(t) for t in self.cfg.make_loader().load("train")}
         return spread_subset(records, self.a.sft_samples, self.a.subset_seed,
                              kind=lambda rec: types.get(str(rec.get("id")), "other"))
 
@@ -235,8 +250,7 @@ class Pipeline:
         started = time.time()
         data = Path(self.a.sft_data)
         if not data.exists():
-            raise StageFailed("sft", data, 1, f"expert data {data} not found; build it with "
-                                             f"python scripts/build_{self.a.task}_sft.py --out {data}")
+            raise StageFailed("sft", data, 1, f"expert data {data} not found")
         if self.a.sft_samples:
             subset = self.run_dir / "data" / "sft_subset.json"
             subset.parent.mkdir(parents=True, exist_ok=True)

@@ -69,8 +69,10 @@ class BaseEnv(ABC):
 
     action_pattern = ACTION_PATTERN
 
-    def __init__(self, task: Any, max_steps: int, action_first_line_only: bool = False, **env_options: Any):
+    def __init__(self, task: Any, max_steps: int, action_first_line_only: bool = False, success_reward: float = 1.0,
+                 **env_options: Any):
         self.task = task
+        self.success_reward = float(success_reward)  # the task config's; read by envs without a success signal
         self.action_first_line_only = bool(action_first_line_only)
         self.max_steps = int(max_steps)
         self.env_options = env_options

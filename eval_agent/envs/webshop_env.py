@@ -1,7 +1,7 @@
 """WebShop for eval_agent: BaseEnv over webshop.WebShopTextEnv.
 
 Observations are "Observation:\n" + the page text (simple [SEP] text mode unless env_options sets
-observation_mode: text_rich). Reward is the purchase score; success means a perfect score (1.0).
+observation_mode: text_rich). Reward is the purchase score; success means a score of at least the task config's `success_reward` (1.0).
 """
 from __future__ import annotations
 
@@ -27,4 +27,4 @@ class WebShopEnv(BaseEnv):
 
     def _act(self, action: str) -> tuple[str, float, bool, bool]:
         observation, reward, done, _, _ = self.env.step(action)
-        return OBSERVATION_PREFIX + observation, reward, done, done and reward >= 1.0
+        return OBSERVATION_PREFIX + observation, reward, done, done and reward >= self.success_reward
