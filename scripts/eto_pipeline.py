@@ -50,6 +50,20 @@ PRESETS = {
 }
 
 
+# Settings a rerun may change: they change speed, not results. Any other difference is another run.
+SPEED_ONLY = ("num_workers", "explore_workers", "worker_batch_size", "save_path", "restart")
+
+
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def accumulation_steps(global_batch: int, per_device: int, world_size: int) -> int:
     """The original's rule (bash integer division): global / world / per-device, at least 1."""
     return max(1, global_batch // world_size // per_device)
@@ -68,6 +82,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("model_path", nargs="?", default=None,
                    help="base model folder (default, or '': the embedded model)")
     p.add_argument("save_path", nargs="?", default="outputs", help="root of all outputs (default: outputs)")
+    p.add_argument("--restart", action="store_true",
+                   help="delete <save_path>/<exp_name> first and start the run over (finished stages are lost)")
     p.add_argument("--task_path", action="append", default=[], metavar="DIR",
                    help=f"also find task configs in DIR (repeatable; before ${TASK_PATH_ENV}'s folders)")
 
@@ -219,6 +235,34 @@ class Pipeline:
             flags += ["--deepspeed", self.a.deepspeed]
         return flags
 
+    def preflight(self) -> None:
+        """Check what the stages will need before the first one runs; report every problem at once."""
+        problems = []
+        model = Path(self.a.model_path)
+        if not (model / "config.json").is_file():
+            problems.append(f"model folder {model}: no config.json (models are never downloaded here)")
+        data = Path(self.a.sft_data)
+        if not data.exists() and (self.cfg.expert_data is None or data != self.cfg.expert_data_path()):
+            problems.append(f"expert data {data} not found (and no expert_data.build of {self.cfg.path} writes it)")
+        problems += self.cfg.env_class().requirements()
+        try:
+            probe = self.run_dir / ".write_probe"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            problems.append(f"output folder {self.run_dir} is not writable ({e})")
+        if (model / "config.json").is_file():
+            # every SFT/DPO stage writes a model about the size of the base model's weights
+            weights = sum(f.stat().st_size for f in model.glob("*.safetensors")) or \
+                sum(f.stat().st_size for f in model.glob("*.bin"))
+            need = weights * (1 + self.a.iterations) * 1.1
+            free = shutil.disk_usage(self.run_dir).free
+            if need > free:
+                problems.append(f"{self.run_dir}: {free / 2**30:.1f} GiB free, the models of this run need about "
+                                f"{need / 2**30:.1f} GiB")
+        if problems:
+            raise StageFailed("preflight", self.run_dir, 2, "cannot start:\n" + "\n".join(f"  - {x}" for x in problems))
+
     def expert_data(self) -> None:
         """Build the task's expert file with its config's expert_data.build when it is missing
         (ScienceWorld's replays take minutes)."""
@@ -332,11 +376,37 @@ class Pipeline:
         self.finish(stage, started, [out / "config.json"], lr=lr, beta=beta)
         return out
 
+    def settings(self) -> dict:
+        """What makes this run this run: every setting but the speed-only ones, and the expert data's hash."""
+        data = Path(self.a.sft_data)
+        settings = {**vars(self.a), "sft_data_sha256": file_sha256(data) if data.exists() else None}
+        return json.loads(json.dumps(settings, default=str))
+
+    def record_settings(self) -> None:
+        """Refuse to continue a run folder that holds another run's work; else (re)write settings.json."""
+        path = self.run_dir / "settings.json"
+        now = self.settings()
+        if path.exists():
+            before = json.loads(path.read_text())
+            keys = sorted((set(before) | set(now)) - set(SPEED_ONLY))
+            differ = [k for k in keys if before.get(k) != now.get(k)
+                      and not (k == "sft_data_sha256" and before.get(k) is None)]  # built since
+            if differ:
+                lines = "\n".join(f"  {k}: {before.get(k)!r} then, {now.get(k)!r} now" for k in differ)
+                raise StageFailed("settings", path, 2,
+                                  f"{self.run_dir} holds a run with other settings:\n{lines}\nuse another exp_name, "
+                                  "or --restart to delete that run and start over")
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(now, indent=1))
+        os.replace(tmp, path)
+
     def main(self) -> int:
         a = self.a
         print(f"[eto] task={a.task} exp={a.exp_name} model={a.model_path} outputs={self.run_dir}")
-        (self.run_dir / "settings.json").write_text(json.dumps(vars(a), indent=1, default=str))
+        self.record_settings()
+        self.preflight()
         self.expert_data()
+        self.record_settings()  # with the hash of expert data built just now
         if a.eval_base:
             self.episodes("eval_base", Path(a.model_path), "test", self.run_dir / "eval" / "base", 0.0,
                           a.test_tasks, 1)
@@ -365,6 +435,8 @@ class Pipeline:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.restart:
+        shutil.rmtree(Path(args.save_path).resolve() / args.exp_name, ignore_errors=True)
     pipeline = Pipeline(args)
     # SIGTERM behaves like Ctrl-C: unwind, stopping every process we started.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))

@@ -186,3 +186,40 @@ def test_pair_stage_applies_the_task_rule(tmp_path):
     assert pipeline.pairs("pairs_iter1", tmp_path / "explore", tmp_path / "pairs.json") == {"pairs": 0, "agent_wins": 0, "ties": 3,
                                                                                          "agent_loses": 0}
     assert _flag(pipeline.commands["pairs_iter1"], "--task") == "webshop"
+
+
+def test_a_rerun_with_other_settings_is_refused_until_restart(tmp_path, capsys, monkeypatch):
+    """Same exp_name, another task or knob: refuse (naming what differs) instead of reusing another run's stages."""
+    eto_pipeline, _ = _pipeline(tmp_path)  # writes nothing yet
+    model = tmp_path / "model"
+    first = ["alfworld", "exp", str(model), str(tmp_path / "runs"), "--sft_lr", "1e-4"]
+    pipeline = eto_pipeline.Pipeline(eto_pipeline.parse_args(first))
+    pipeline.record_settings()
+    (pipeline.stages / "sft.json").write_text("{}")  # a finished stage of that run
+    code = eto_pipeline.main(["webshop", "exp", str(model), str(tmp_path / "runs"), "--sft_lr", "2e-5",
+                              "--num_workers", "3"])
+    err = capsys.readouterr().err
+    assert code == 1 and "holds a run with other settings" in err
+    assert "task: 'alfworld' then, 'webshop' now" in err and "sft_lr: 0.0001 then, 2e-05 now" in err
+    assert "num_workers" not in err  # speed-only knobs may change between reruns
+    assert "--restart" in err and (pipeline.stages / "sft.json").exists()
+    # the same settings (another concurrency) continue the run
+    eto_pipeline.Pipeline(eto_pipeline.parse_args(first + ["--num_workers", "3"])).record_settings()
+    # --restart deletes the old run before the new one starts (its stages are not run here)
+    monkeypatch.setattr(eto_pipeline.Pipeline, "main", lambda self: self.record_settings() or 0)
+    assert eto_pipeline.main(["webshop", "exp", str(model), str(tmp_path / "runs"), "--restart"]) == 0
+    assert not (pipeline.stages / "sft.json").exists()
+    assert json.loads((pipeline.run_dir / "settings.json").read_text())["task"] == "webshop"
+
+
+def test_preflight_lists_every_problem_before_any_stage(tmp_path, capsys, monkeypatch):
+    sys.path.insert(0, str(REPO / "scripts"))
+    import eto_pipeline
+
+    monkeypatch.setenv("PATH", str(tmp_path / "no-java-here"))  # no java on PATH
+    code = eto_pipeline.main(["sciworld", "exp", str(tmp_path / "no-model"), str(tmp_path / "runs"),
+                              "--sft_data", str(tmp_path / "no-experts.json")])
+    err = capsys.readouterr().err
+    assert code == 1 and "FAILED at stage 'preflight'" in err
+    assert "no-model: no config.json" in err and "no-experts.json not found" in err and "Java 17+" in err
+    assert not (tmp_path / "runs" / "exp" / "logs" / "expert_data.log").exists()  # nothing ran

@@ -113,6 +113,11 @@ class BaseEnv(ABC):
     def close(self) -> None:
         """Release simulator resources."""
 
+    @classmethod
+    def requirements(cls) -> list[str]:
+        """What this machine lacks to run the env (checked before a pipeline starts); [] when nothing."""
+        return []
+
     @abstractmethod
     def _reset(self) -> str:
         """Start the task; return the first observation (task text, no banner)."""

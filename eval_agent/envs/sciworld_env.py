@@ -71,6 +71,20 @@ class ScienceWorldEnv(BaseEnv):
         self._sim = None  # the package's ScienceWorldEnv, owning the JVM
         self.switch_task(task)
 
+    @classmethod
+    def requirements(cls) -> list[str]:
+        import re
+        import shutil
+        import subprocess
+
+        if shutil.which("java") is None:
+            return ["ScienceWorld needs Java 17+ on PATH (e.g. apt-get install openjdk-17-jre-headless)"]
+        out = subprocess.run(["java", "-version"], capture_output=True, text=True).stderr
+        major = re.search(r'version "(\d+)', out)
+        if major is None or int(major[1]) < 17:
+            return [f"ScienceWorld needs Java 17+; `java -version` says: {out.strip().splitlines()[0] if out else '?'}"]
+        return []
+
     # -- lifecycle ---------------------------------------------------------------
     def switch_task(self, task: Any) -> None:
         """Play another task with the same JVM; call reset() next."""
