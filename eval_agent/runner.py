@@ -179,8 +179,11 @@ def write_json_atomic(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, ensure_ascii=False, indent=2)
+        # a lone surrogate (broken model output) cannot be UTF-8: write it as its JSON escape, which reads back
+        # as the same string
+        text = json.dumps(data, ensure_ascii=False, indent=2).encode("utf-8", errors="backslashreplace")
+        with os.fdopen(fd, "wb") as f:
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

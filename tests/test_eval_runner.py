@@ -201,3 +201,18 @@ def test_bad_configs_exit_with_status_2_naming_the_file(tmp_path, caplog):
     assert f"{bad}: not valid JSON" in caplog.text
     with pytest.raises(SystemExit):
         parse_args(["--part_num", "2", "--part_idx", "2"])
+
+
+def test_unencodable_model_output_ends_no_more_than_its_episode(sciworld, envs, tmp_path):
+    """A lone surrogate, NUL and a terminal escape in an answer: the simulator gets a safe action, the episode
+    file is written (and reads back to the same text), the run finishes with its metrics."""
+    cfg, _, icl = sciworld
+    broken = "Thought: \ud800\x00 hm\x1b[31m\nAction: look \ud800around\x00"
+    agent = ScriptedAgent({"": [broken, WRONG_FOCUS]}, _prompt_len(icl))
+    assert run(_args(tmp_path, "--max_tasks", "1"), agent=agent, envs=envs) == 0
+    task = cfg.make_loader().load("test")[0]
+    record = json.loads((tmp_path / task_filename(task.id)).read_text(encoding="utf-8"))
+    assert record["conversations"][3]["value"] == broken  # stored as the model said it
+    assert record["conversations"][4]["value"] == "Observation: No known action matches that input."
+    assert record["meta"]["terminate_reason"] == "done" and record["meta"]["steps"] == 2
+    assert json.loads((tmp_path / "metrics.json").read_text())["num_tasks"] == 1

@@ -41,6 +41,15 @@ def parse_action(model_output: str, first_line_only: bool = False, pattern: str 
     return action.strip()
 
 
+_CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # all control characters but tab and newline
+
+
+def simulator_safe(text: str) -> str:
+    """`text` as a simulator can take it: lone surrogates (not UTF-8) become "?", control characters (NUL,
+    terminal escapes) are dropped. Model output is untrusted."""
+    return _CONTROL_RE.sub("", text.encode("utf-8", errors="replace").decode("utf-8"))
+
+
 def invalid_action_observation(action: str | None) -> str | None:
     """The observation for an answer we do not execute, or None when `action` may run."""
     if action is None:
@@ -87,6 +96,8 @@ class BaseEnv(ABC):
             raise RuntimeError("step() called on a finished episode; call reset() first")
         self.state.steps += 1
         action = parse_action(model_output, self.action_first_line_only, self.action_pattern)
+        if action is not None:
+            action = simulator_safe(action)
         invalid = invalid_action_observation(action)
         if invalid is not None:
             observation = invalid
