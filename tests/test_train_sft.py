@@ -4,11 +4,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import fastchat.train
@@ -144,3 +146,48 @@ def test_fsdp_accelerate_config_parses():
     config = ClusterConfig.from_yaml_file(str(CONFIGS / "fsdp.yaml"))  # accelerate's own validation
     assert config.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"
     assert config.fsdp_config["fsdp_sharding_strategy"] == "FULL_SHARD"
+
+
+def _sft_cmd(model_dir, data, out, *extra):
+    return [sys.executable, "-m", "fastchat.train.train", "--model_name_or_path", str(model_dir),
+            "--data_path", str(data), "--output_dir", str(out), "--per_device_train_batch_size", "2",
+            "--model_max_length", "96", "--logging_steps", "1", "--num_train_epochs", "3",
+            "--learning_rate", "3e-3", "--save_strategy", "steps", "--save_steps", "2", *extra]
+
+
+@pytest.mark.slow
+def test_killed_sft_resumes_from_its_last_checkpoint(tiny_model_dir, tmp_path):
+    """kill -9 mid-training, rerun: it continues from the last complete checkpoint (optimizer, scheduler, RNG,
+    data order) and ends where an uninterrupted run ends; the checkpoints are removed at the end."""
+    import signal
+    import time
+
+    from safetensors.torch import load_file
+
+    data = tmp_path / "sft.json"
+    data.write_text(json.dumps(sft_records(8)))  # 4 steps per epoch, 12 in all
+    whole = tmp_path / "whole"
+    subprocess.run(_sft_cmd(tiny_model_dir, data, whole), check=True, capture_output=True, timeout=240, env=ENV)
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_sft_cmd(tiny_model_dir, data, out), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=ENV, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (out / "checkpoint-6" / "trainer_state.json").exists():
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (out / "checkpoint-6" / "trainer_state.json").exists() and not (out / "model.safetensors").exists()
+
+    rerun = subprocess.run(_sft_cmd(tiny_model_dir, data, out), capture_output=True, text=True, timeout=240, env=ENV)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resuming from" in rerun.stderr and "checkpoint-" in rerun.stderr
+    logs = lambda d: [(h["step"], round(h["loss"], 4)) for h in
+                      json.loads((d / "trainer_state.json").read_text())["log_history"] if "loss" in h]
+    resumed_from = int(re.search(r"resuming from \S*checkpoint-(\d+)", rerun.stderr)[1])
+    assert resumed_from >= 6  # it did not start over
+    # the log carries on from the checkpoint's: each step once, the same losses as the uninterrupted run
+    assert [s for s, _ in logs(out)] == list(range(1, 13)) and logs(out) == logs(whole)
+    a, b = load_file(whole / "model.safetensors"), load_file(out / "model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert not list(out.glob("checkpoint-*"))  # removed once the final model is saved

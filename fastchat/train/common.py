@@ -51,6 +51,11 @@ class EtoTrainingArguments(transformers.TrainingArguments):
         "help": "checkpoint strategy during training: no, steps, epoch (the final model is always saved)"})
     logging_steps: float = 10
     remove_unused_columns: bool = False
+    resume: bool = field(default=True, metadata={
+        "help": "continue from the last complete checkpoint-* in --output_dir when there is one (--no_resume: start "
+                "over); checkpoints are written with --save_strategy steps --save_steps N"})
+    keep_checkpoints: bool = field(default=False, metadata={
+        "help": "keep the checkpoint-* folders once the final model is saved (default: delete them)"})
 
     def __post_init__(self):
         if self.deepspeed:
@@ -113,6 +118,34 @@ def apply_lora(model, model_args: ModelArguments, args: EtoTrainingArguments):
     model = get_peft_model(model, config)
     model.print_trainable_parameters()
     return model
+
+
+def last_complete_checkpoint(output_dir) -> str | None:
+    """The newest checkpoint-N in output_dir that was written to the end (its trainer_state.json is saved last)."""
+    folders = [p for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    complete = [p for p in folders if (p / "trainer_state.json").is_file()]
+    return str(max(complete, key=lambda p: int(p.name.split("-")[-1]))) if complete else None
+
+
+def train_resuming(trainer: transformers.Trainer, args: EtoTrainingArguments):
+    """trainer.train(), continuing from --resume_from_checkpoint or, with --resume, the last complete checkpoint
+    (model, optimizer, scheduler, RNG states and the position in the data order)."""
+    checkpoint = args.resume_from_checkpoint
+    if checkpoint is None and args.resume:
+        checkpoint = last_complete_checkpoint(args.output_dir)
+    if checkpoint:
+        logger.info("resuming from %s", checkpoint)
+    return trainer.train(resume_from_checkpoint=checkpoint)
+
+
+def remove_checkpoints(trainer: transformers.Trainer, args: EtoTrainingArguments) -> None:
+    """Once the final model is saved the checkpoints are only disk space, unless --keep_checkpoints."""
+    import shutil
+
+    if args.keep_checkpoints or not trainer.is_world_process_zero():
+        return
+    for folder in Path(args.output_dir).glob("checkpoint-*"):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def save_trained(trainer: transformers.Trainer, tokenizer, template, model_args: ModelArguments, output_dir) -> None:

@@ -19,8 +19,9 @@ import sys
 import transformers
 from transformers import HfArgumentParser, Trainer
 
-from fastchat.train.common import (DataArguments, EtoTrainingArguments, ModelArguments, apply_lora,
-                                   load_model, load_tokenizer_and_template, logger, save_trained, setup_logging, write_summary)
+from fastchat.train.common import (DataArguments, EtoTrainingArguments, ModelArguments, apply_lora, load_model,
+                                   load_tokenizer_and_template, logger, remove_checkpoints, save_trained, setup_logging,
+                                   train_resuming, write_summary)
 from fastchat.train.data import DataError, SFTCollator, encode_sft, load_sft_records, report_skipped
 
 
@@ -52,9 +53,10 @@ def main(argv: list[str] | None = None) -> None:
         model = apply_lora(model, model_args, args)
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=SFTCollator(tokenizer.pad_token_id),
                       processing_class=tokenizer)
-    result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    result = train_resuming(trainer, args)
     trainer.save_state()
     save_trained(trainer, tokenizer, template, model_args, args.output_dir)
+    remove_checkpoints(trainer, args)
     if trainer.is_world_process_zero():
         write_summary(args.output_dir, samples=len(dataset), tokens_per_epoch=n_tok, supervised_tokens=n_sup,
                       epochs=args.num_train_epochs, train_runtime_s=result.metrics.get("train_runtime"),

@@ -28,7 +28,8 @@ import transformers
 from transformers import HfArgumentParser, Trainer
 
 from fastchat.train.common import (DataArguments, EtoTrainingArguments, ModelArguments, apply_lora, load_model,
-                                   load_tokenizer_and_template, logger, save_trained, setup_logging, write_summary)
+                                   load_tokenizer_and_template, logger, remove_checkpoints, save_trained, setup_logging,
+                                   train_resuming, write_summary)
 from fastchat.train.data import IGNORE_INDEX, DataError, DPOCollator, encode_dpo, load_dpo_records, report_skipped
 
 
@@ -192,9 +193,10 @@ def main(argv: list[str] | None = None) -> None:
 
     trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
                          processing_class=tokenizer, beta=args.beta, ref_model=ref_model)
-    result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    result = train_resuming(trainer, args)
     trainer.save_state()
     save_trained(trainer, tokenizer, template, model_args, args.output_dir)
+    remove_checkpoints(trainer, args)
     if trainer.is_world_process_zero():
         write_summary(args.output_dir, pairs=len(dataset), tokens_per_epoch=n_tok, epochs=args.num_train_epochs,
                       train_runtime_s=result.metrics.get("train_runtime"), precompute_s=precompute_s,
