@@ -10,11 +10,16 @@ model worker feeds the model exactly the same text it was trained on.
 Templates are picked by name, by the model folder's `eto_template.txt` (written
 by our trainers), by the model's name, or fall back to the tokenizer's own chat
 template.
+
+FastChat's own servers render prompts from a worker's Conversation dict instead
+(separator styles, Conversation.get_prompt): `fastchat_conversation` states our
+templates in those terms and `fastchat_prompt` renders such a dict as FastChat does.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from enum import IntEnum
 from pathlib import Path
 
 TEMPLATE_FILE = "eto_template.txt"
@@ -22,6 +27,35 @@ TEMPLATE_FILE = "eto_template.txt"
 
 class TemplateError(ValueError):
     pass
+
+
+class FastChatStyle(IntEnum):
+    """FastChat's SeparatorStyle numbers as its workers send them over JSON, as in fschat 0.2.36 (the latest
+    release). FastChat's main branch inserts LLAMA3 at 8, shifting CHATGLM and all later styles by one, so our
+    own templates use only styles 1-7, which both number alike."""
+    ADD_COLON_SINGLE = 1
+    ADD_COLON_TWO = 2
+    ADD_COLON_SPACE_SINGLE = 3
+    NO_COLON_SINGLE = 4
+    NO_COLON_TWO = 5
+    ADD_NEW_LINE_SINGLE = 6
+    LLAMA2 = 7
+    CHATML = 9
+
+
+@dataclass(frozen=True)
+class FastChatForm:
+    """A template in the terms of FastChat's Conversation."""
+    sep_style: FastChatStyle
+    roles: tuple[str, str]
+    sep: str
+    sep2: str | None = None
+    system_template: str = "{system_message}"
+
+
+# FastChat's `raw` template (messages concatenated): what FastChat's servers get for a template its styles
+# cannot express at all
+FASTCHAT_RAW = FastChatForm(FastChatStyle.NO_COLON_SINGLE, ("", ""), "")
 
 
 @dataclass(frozen=True)
@@ -36,6 +70,7 @@ class Template:
     system_in_first_user: bool = False  # llama-2 style: the system block sits inside the first [INST]
     stop_str: tuple[str, ...] = ()      # strings that end generation
     stop_tokens: tuple[str, ...] = ()   # token strings that end generation (looked up in the tokenizer)
+    fastchat: FastChatForm | None = None  # the same template for FastChat's servers (None: not expressible)
 
 
 TEMPLATES: dict[str, Template] = {}
@@ -54,6 +89,9 @@ _chatml = dict(
     system="<|im_start|>system\n{system}<|im_end|>\n",
     stop_str=("<|im_end|>",),
     stop_tokens=("<|im_end|>",),
+    # FastChat's CHATML style renders the same text, but its number differs between FastChat versions
+    fastchat=FastChatForm(FastChatStyle.NO_COLON_SINGLE, ("<|im_start|>user\n", "<|im_start|>assistant\n"),
+                          "<|im_end|>\n", system_template="<|im_start|>system\n{system_message}<|im_end|>\n"),
 )
 register(Template(name="chatml", **_chatml))
 register(Template(name="qwen", default_system="You are a helpful assistant.", **_chatml))
@@ -63,10 +101,14 @@ register(Template(name="smollm2", default_system="You are a helpful AI assistant
 register(Template(
     name="llama-2", user="[INST] {content} [/INST]", assistant=" {content} </s>", assistant_sep="<s>",
     system="<<SYS>>\n{system}\n<</SYS>>\n\n", system_in_first_user=True, stop_str=("</s>",), stop_tokens=("</s>",),
+    fastchat=FastChatForm(FastChatStyle.LLAMA2, ("[INST]", "[/INST]"), " ", " </s><s>",
+                          "[INST] <<SYS>>\n{system_message}\n<</SYS>>\n\n"),
 ))
 register(Template(
     name="mistral", user="[INST] {content} [/INST]", assistant="{content}</s>",
     system="{system}\n\n", system_in_first_user=True, stop_str=("</s>",), stop_tokens=("</s>",),
+    # LLAMA2 puts a space between [/INST] and an earlier answer, which Mistral's template does not have
+    fastchat=FastChatForm(FastChatStyle.LLAMA2, ("[INST]", "[/INST]"), " ", "</s>", "[INST] {system_message}\n\n"),
 ))
 register(Template(
     name="vicuna_v1.1", user="USER: {content} ", assistant_prefix="ASSISTANT:", assistant=" {content}</s>",
@@ -74,6 +116,7 @@ register(Template(
     default_system="A chat between a curious user and an artificial intelligence assistant. "
                    "The assistant gives helpful, detailed, and polite answers to the user's questions.",
     stop_str=("</s>",), stop_tokens=("</s>",),
+    fastchat=FastChatForm(FastChatStyle.ADD_COLON_TWO, ("USER", "ASSISTANT"), " ", "</s>"),
 ))
 register(Template(
     name="llama-3",
@@ -82,6 +125,11 @@ register(Template(
     assistant="{content}<|eot_id|>",
     system="<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>",
     stop_str=("<|eot_id|>",), stop_tokens=("<|eot_id|>", "<|end_of_text|>"),
+    # not FastChat's LLAMA3 style: that adds <|begin_of_text|> as text and strips every message
+    fastchat=FastChatForm(
+        FastChatStyle.NO_COLON_SINGLE,
+        ("<|start_header_id|>user<|end_header_id|>\n\n", "<|start_header_id|>assistant<|end_header_id|>\n\n"),
+        "<|eot_id|>", system_template="<|start_header_id|>system<|end_header_id|>\n\n{system_message}<|eot_id|>"),
 ))
 
 # model-name patterns, checked in order
@@ -150,12 +198,80 @@ def render(template: "Template | HFTemplate", messages: list[dict[str, str]],
     return Rendered("".join(parts), spans)
 
 
+def fastchat_conversation(template: "Template | HFTemplate", stop_token_ids: list[int]) -> dict:
+    """The template as the Conversation dict a FastChat worker sends from /worker_get_conv_template: the fields
+    FastChat's OpenAI server reads, with our template's name."""
+    form = template.fastchat or FASTCHAT_RAW
+    return {"name": template.name, "system_template": form.system_template,
+            "system_message": template.default_system, "roles": list(form.roles), "messages": [], "offset": 0,
+            "sep_style": int(form.sep_style), "sep": form.sep, "sep2": form.sep2,
+            "stop_str": list(template.stop_str), "stop_token_ids": stop_token_ids}
+
+
+def fastchat_prompt(conv: dict, messages: list[dict[str, str]]) -> str:
+    """The generation prompt FastChat's OpenAI server builds from a worker's Conversation dict.
+
+    As FastChat does: a system message replaces the conversation's, the other messages follow its few-shot
+    `messages`, an empty assistant turn is appended, and get_prompt renders the separator style (an empty
+    message counts as the empty turn).
+    """
+    _check_messages(messages)
+    try:
+        style = FastChatStyle(conv["sep_style"])
+    except ValueError:
+        raise TemplateError(f"FastChat separator style {conv['sep_style']!r} is not rendered here; known (numbered "
+                            f"as in fschat 0.2.36): {', '.join(f'{s.name}={s.value}' for s in FastChatStyle)}") from None
+    roles = conv["roles"]
+    system_message = conv["system_message"]
+    turns = [tuple(t) for t in conv["messages"]]
+    for m in messages:
+        if m["role"] == "system":
+            system_message = m["content"]
+        else:
+            turns.append((roles[0] if m["role"] == "user" else roles[1], m["content"]))
+    turns.append((roles[1], None))
+    system = conv["system_template"].format(system_message=system_message)
+    sep, sep2 = conv["sep"], conv["sep2"]
+    if style == FastChatStyle.LLAMA2:  # the first message carries no tag; tags go by position, not by role
+        out = system if system_message else "[INST] "
+        for i, (_, text) in enumerate(turns):
+            tag = roles[i % 2]
+            if not text:
+                out += tag
+            elif i == 0:
+                out += text + " "
+            else:
+                out += tag + " " + text + (sep, sep2)[i % 2]
+        return out
+    # every other style: a head, then per message role + joiner + text + separator, and role + opener when empty
+    if style == FastChatStyle.ADD_COLON_SINGLE:
+        head, joiner, opener, seps = system + sep, ": ", ":", (sep, sep)
+    elif style == FastChatStyle.ADD_COLON_TWO:
+        head, joiner, opener, seps = system + sep, ": ", ":", (sep, sep2)
+    elif style == FastChatStyle.ADD_COLON_SPACE_SINGLE:
+        head, joiner, opener, seps = system + sep, ": ", ": ", (sep, sep)
+    elif style == FastChatStyle.NO_COLON_SINGLE:
+        head, joiner, opener, seps = system, "", "", (sep, sep)
+    elif style == FastChatStyle.NO_COLON_TWO:
+        head, joiner, opener, seps = system, "", "", (sep, sep2)
+    elif style == FastChatStyle.ADD_NEW_LINE_SINGLE:
+        head, joiner, opener, seps = system + sep if system else "", "\n", "\n", (sep, sep)
+    else:  # CHATML
+        head, joiner, opener, seps = system + sep + "\n" if system else "", "\n", "\n", (sep + "\n", sep + "\n")
+    out = head
+    for i, (role, text) in enumerate(turns):
+        out += role + joiner + text + seps[i % 2] if text else role + opener
+    return out
+
+
 class HFTemplate:
     """The tokenizer's own Jinja chat template, used when no named template fits.
 
     Assistant spans come from rendering growing prefixes of the conversation; a
     template whose renderings are not prefixes of each other is refused.
     """
+    default_system = ""  # whatever the Jinja template does without a system message
+    fastchat = None  # FastChat's separator styles cannot express a Jinja template
 
     def __init__(self, tokenizer):
         if not getattr(tokenizer, "chat_template", None):

@@ -14,6 +14,7 @@ the environment variable named in its help).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -51,7 +52,7 @@ PRESETS = {
 
 
 # Settings a rerun may change: they change speed, not results. Any other difference is another run.
-SPEED_ONLY = ("num_workers", "explore_workers", "worker_batch_size", "save_path", "restart", "save_steps",
+SPEED_ONLY = ("num_workers", "explore_workers", "eval_workers", "worker_batch_size", "gpu_memory_utilization", "save_path", "restart", "save_steps",
               "keep_checkpoints")
 
 
@@ -95,7 +96,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     knobs = [
         knob("--iterations", "ITERATIONS", 3, int, "exploration/DPO iterations"),
         knob("--num_workers", "NUM_WORKERS", 8, int, "concurrent episodes per evaluation/exploration"),
-        knob("--explore_workers", "EXPLORE_WORKERS", 1, int, "model worker processes serving exploration"),
+        knob("--explore_workers", "EXPLORE_WORKERS", 0, int, "model worker processes serving exploration "
+             "(0 = one per GPU group of --gpus, else 1)"),
+        knob("--eval_workers", "EVAL_WORKERS", 0, int, "model worker processes serving evaluation (0 = as "
+             "--explore_workers)"),
+        knob("--serving", "SERVING", "hf", str, "model workers: hf (ours, transformers with batching) or vllm"),
+        knob("--tensor_parallel_size", "TENSOR_PARALLEL_SIZE", 1, int, "vllm: GPUs per worker"),
+        knob("--gpu_memory_utilization", "GPU_MEMORY_UTILIZATION", 0.9, float, "vllm: fraction of GPU memory"),
+        knob("--max_model_len", "MAX_MODEL_LEN", 0, int, "vllm: context length (0 = the model's)"),
         knob("--worker_batch_size", "WORKER_BATCH_SIZE", 8, int, "sequences a model worker decodes together "
              "(and prompts whose KV cache it keeps); match it to --num_workers"),
         knob("--sft_lr", "SFT_LR", 2e-5, float, "SFT learning rate"),
@@ -142,9 +150,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name, env, default, cast in knobs:
         if getattr(args, name) is None:
             setattr(args, name, env_default(env, preset.get(name, default), cast))
-    for flag in ("sft_batch_size", "sft_per_device_batch_size", "dpo_batch_size", "dpo_per_device_batch_size"):
+    for flag in ("sft_batch_size", "sft_per_device_batch_size", "dpo_batch_size", "dpo_per_device_batch_size",
+                 "tensor_parallel_size"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag} must be >= 1")
+    if args.serving not in ("hf", "vllm"):
+        p.error(f"--serving must be hf or vllm, got {args.serving!r}")
+    from eto_services import gpu_groups
+
+    gpus = [g.strip() for g in args.gpus.split(",") if g.strip()]
+    groups = len(gpu_groups(gpus, args.tensor_parallel_size if args.serving == "vllm" else 1))
+    if gpus and not groups:
+        p.error(f"--tensor_parallel_size {args.tensor_parallel_size} needs at least that many --gpus")
+    args.explore_workers = args.explore_workers or max(1, groups)
+    args.eval_workers = args.eval_workers or args.explore_workers
     args.dpo_lrs = [float(x) for x in str(args.dpo_lrs).replace(",", " ").split()]
     args.dpo_betas = [float(x) for x in str(args.dpo_betas).replace(",", " ").split()]
     if not args.model_path:
@@ -222,8 +241,11 @@ class Pipeline:
             return ["torchrun", f"--nproc_per_node={ngpu}", "-m", module]
         return [sys.executable, "-m", module]
 
+    def gpu_list(self) -> list[str]:
+        return [g.strip() for g in self.a.gpus.split(",") if g.strip()]
+
     def world_size(self) -> int:
-        return max(1, len([g for g in self.a.gpus.split(",") if g.strip()]))
+        return max(1, len(self.gpu_list()))
 
     def batch_flags(self, global_batch: int, per_device: int) -> list[str]:
         accum = accumulation_steps(global_batch, per_device, self.world_size())
@@ -252,6 +274,8 @@ class Pipeline:
         if not data.exists() and (self.cfg.expert_data is None or data != self.cfg.expert_data_path()):
             problems.append(f"expert data {data} not found (and no expert_data.build of {self.cfg.path} writes it)")
         problems += self.cfg.env_class().requirements()
+        if self.a.serving == "vllm" and importlib.util.find_spec("vllm") is None:
+            problems.append("--serving vllm: vllm is not installed (pip install vllm on a GPU machine, or --serving hf)")
         try:
             probe = self.run_dir / ".write_probe"
             probe.write_text("")
@@ -334,8 +358,10 @@ class Pipeline:
             return rec["metrics"]
         started = time.time()
         name = f"{self.a.exp_name}-{stage}"
-        with self.services.serving(model, name, n_workers=workers, stage=stage,
-                                   batch_size=self.a.worker_batch_size) as controller:
+        vllm = {"tensor_parallel_size": self.a.tensor_parallel_size, "max_model_len": self.a.max_model_len,
+                "gpu_memory_utilization": self.a.gpu_memory_utilization}
+        with self.services.serving(model, name, n_workers=workers, stage=stage, batch_size=self.a.worker_batch_size,
+                                   gpus=self.gpu_list(), backend=self.a.serving, vllm=vllm) as controller:
             cmd = [sys.executable, "-m", "eval_agent.main", "--agent_config", "fastchat",
                    "--controller_address", controller, "--model_name", name, "--exp_config", self.a.task,
                    "--split", split, "--output_path", str(out), "--num_workers", str(self.a.num_workers),
@@ -416,9 +442,9 @@ class Pipeline:
         self.record_settings()  # with the hash of expert data built just now
         if a.eval_base:
             self.episodes("eval_base", Path(a.model_path), "test", self.run_dir / "eval" / "base", 0.0,
-                          a.test_tasks, 1)
+                          a.test_tasks, a.eval_workers)
         model = self.sft()
-        self.episodes("eval_sft", model, "test", self.run_dir / "eval" / "sft", 0.0, a.test_tasks, 1)
+        self.episodes("eval_sft", model, "test", self.run_dir / "eval" / "sft", 0.0, a.test_tasks, a.eval_workers)
         for it in range(1, a.iterations + 1):
             explore = self.run_dir / "explore" / f"iter{it}"
             self.episodes(f"explore_iter{it}", model, "train", explore, a.explore_temperature,
@@ -432,7 +458,7 @@ class Pipeline:
                 break
             model = self.dpo(f"dpo_iter{it}", model, pairs, it)
             self.episodes(f"eval_iter{it}", model, "test", self.run_dir / "eval" / f"iter{it}", 0.0,
-                          a.test_tasks, 1)
+                          a.test_tasks, a.eval_workers)
         summary = write_summary(self.run_dir)
         print(summary["markdown"])
         print(f"[eto] summary: {self.run_dir / 'summary.json'}, {self.run_dir / 'summary.md'}, "

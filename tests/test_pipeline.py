@@ -223,3 +223,106 @@ def test_preflight_lists_every_problem_before_any_stage(tmp_path, capsys, monkey
     assert code == 1 and "FAILED at stage 'preflight'" in err
     assert "no-model: no config.json" in err and "no-experts.json not found" in err and "Java 17+" in err
     assert not (tmp_path / "runs" / "exp" / "logs" / "expert_data.log").exists()  # nothing ran
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """kill -9 the pipeline and everything it started (stages and servers run in their own process groups)."""
+    victims = [proc.pid] + _descendants(proc.pid)
+    for pid in victims:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+
+
+def _results(run: Path) -> list:
+    summary = json.loads((run / "summary.json").read_text())
+    return [(r["stage"], r["tasks"], r["average_reward"], r["success_rate"]) for r in summary["results"]] + \
+        [sorted(summary["pairs"].items())]
+
+
+@pytest.mark.slow
+def test_kill_9_during_sft_exploration_and_dpo_then_rerun_gives_the_uninterrupted_result(tiny_model_dir, tmp_path):
+    """A crash (kill -9 of the whole tree) during SFT, during exploration and during DPO: each rerun redoes only
+    unfinished work (training continues from its checkpoint, finished episodes are kept byte for byte) and the
+    final summary is the one of a run that was never killed (the tiny model's computation is deterministic)."""
+    save = tmp_path / "runs"
+    budget = ["--sft_epochs", "3", "--sft_batch_size", "1", "--sft_per_device_batch_size", "1", "--save_steps", "1",
+              "--dpo_batch_size", "1", "--dpo_per_device_batch_size", "1", "--dpo_epochs", "3",
+              "--train_tasks", "3", "--num_workers", "1"]
+    whole = subprocess.run(pipeline_cmd("alfworld", "whole", tiny_model_dir, save, *budget), capture_output=True,
+                           text=True, timeout=900, cwd=tmp_path)
+    assert whole.returncode == 0, whole.stdout[-3000:] + whole.stderr[-3000:]
+
+    run = save / "crashy"
+    cmd = pipeline_cmd("alfworld", "crashy", tiny_model_dir, save, *budget)
+    explore = run / "explore" / "iter1"
+    kill_points = [
+        ("sft", lambda: (run / "models" / "sft" / "checkpoint-2" / "trainer_state.json").exists()),
+        ("explore_iter1", lambda: explore.exists() and any(p.name != "metrics.json" for p in explore.glob("*.json"))),
+        ("dpo_iter1", lambda: (run / "models" / "dpo_iter1" / "checkpoint-2" / "trainer_state.json").exists()),
+    ]
+    for stage, reached in kill_points:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+        deadline = time.time() + 600
+        while time.time() < deadline and proc.poll() is None and not reached():
+            time.sleep(0.05)
+        assert proc.poll() is None, f"the run ended before the kill point in {stage}"
+        kept = {p.name: p.read_bytes() for p in explore.glob("*.json") if p.name != "metrics.json"} \
+            if explore.exists() else {}
+        _kill_tree(proc)
+        assert not (run / "stages" / f"{stage}.json").exists()
+        if stage == "explore_iter1":
+            explore_kept = kept
+    final = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert final.returncode == 0, final.stdout[-3000:] + final.stderr[-3000:]
+    assert "sft: done already" in final.stdout and "explore_iter1: done already" in final.stdout
+    assert explore_kept and all((explore / name).read_bytes() == data for name, data in explore_kept.items())
+    assert _results(run) == _results(save / "whole")
+    assert not list(run.glob("models/*/checkpoint-*"))
+
+
+@pytest.mark.slow
+def test_each_worker_gets_its_gpu_in_its_own_environment(tiny_model_dir, tmp_path):
+    """--gpus 0,1,2,3 with 8 workers: worker j runs with CUDA_VISIBLE_DEVICES = GPU j mod 4, as read from the
+    started process (on this CPU machine the workers serve on the CPU all the same)."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from eto_services import Services
+
+    services = Services(tmp_path, {**os.environ, "OMP_NUM_THREADS": "1"})
+    with services.serving(tiny_model_dir, "tiny", n_workers=8, stage="explore", gpus=["0", "1", "2", "3"]) as addr:
+        workers = [(name, proc) for name, proc, _ in services.procs if ".worker" in name]
+        seen = {}
+        for name, proc in workers:
+            environ = Path(f"/proc/{proc.pid}/environ").read_bytes().split(b"\0")
+            seen[name] = dict(e.decode().split("=", 1) for e in environ if b"=" in e)["CUDA_VISIBLE_DEVICES"]
+        assert seen == {f"explore.worker{j}": str(j % 4) for j in range(8)}
+        import requests
+        models = requests.post(f"{addr}/list_models", timeout=10).json()["models"]
+        assert models == ["tiny"]
+
+
+def test_vllm_serving_without_vllm_stops_before_any_stage(tmp_path, capsys, tiny_model_dir):
+    sys.path.insert(0, str(REPO / "scripts"))
+    import importlib.util
+
+    import eto_pipeline
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed here")  # the check under test is for machines without it
+    code = eto_pipeline.main(["alfworld", "exp", str(tiny_model_dir), str(tmp_path / "runs"), "--serving", "vllm"])
+    err = capsys.readouterr().err
+    assert code == 1 and "--serving vllm: vllm is not installed" in err
+    assert not list((tmp_path / "runs" / "exp" / "stages").glob("*.json"))
+    assert not (tmp_path / "runs" / "exp" / "logs" / "sft.log").exists()
+
+
+def test_vllm_worker_flags_and_gpu_groups():
+    sys.path.insert(0, str(REPO / "scripts"))
+    from eto_services import gpu_groups, worker_flags
+
+    assert gpu_groups(["0", "1", "2", "3", "4"], 2) == [["0", "1"], ["2", "3"]]
+    assert worker_flags("vllm", 8, {"tensor_parallel_size": 2, "gpu_memory_utilization": 0.8, "max_model_len": 4096}) \
+        == ["--tensor-parallel-size", "2", "--gpu-memory-utilization", "0.8", "--context-len", "4096"]
+    assert worker_flags("hf", 16, {}) == ["--max-batch-size", "16", "--prefix-cache-size", "16"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import json
 import logging
 import threading
@@ -21,7 +20,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from fastchat.constants import CONTROLLER_PORT, WORKER_HEART_BEAT_INTERVAL, WORKER_PORT, ErrorCode
-from fastchat.conversation import Template, render, stop_token_ids
+from fastchat.conversation import fastchat_conversation, render, stop_token_ids
+from fastchat.serve.hosts import warn_if_not_loopback
 
 log = logging.getLogger("fastchat.worker")
 
@@ -88,10 +88,7 @@ class Worker:
     # ---- chat template ----------------------------------------------------------------------
     def conv_template(self) -> dict:
         t = self.backend.template
-        fields = dataclasses.asdict(t) if isinstance(t, Template) else {"name": t.name}
-        fields["stop_str"] = list(t.stop_str)
-        fields["stop_token_ids"] = stop_token_ids(t, self.backend.tokenizer)
-        return fields
+        return fastchat_conversation(t, stop_token_ids(t, self.backend.tokenizer))
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> dict:
         t = self.backend.template
@@ -154,4 +151,5 @@ def build_app(worker: Worker) -> FastAPI:
 
 def run_worker(app: FastAPI, host: str, port: int) -> None:
     import uvicorn
+    warn_if_not_loopback(host, "model worker")
     uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -23,6 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
 from fastchat.constants import CONTROLLER_HEART_BEAT_EXPIRATION, CONTROLLER_PORT, ErrorCode
+from fastchat.serve.hosts import warn_if_not_loopback
 
 log = logging.getLogger("fastchat.controller")
 
@@ -199,6 +200,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="seconds without a heartbeat after which a worker is dropped")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    warn_if_not_loopback(a.host, "controller")
     import uvicorn
     uvicorn.run(build_app(Controller(a.dispatch_method, a.heart_beat_expiration)), host=a.host, port=a.port,
                 log_level="warning")
