@@ -8,6 +8,9 @@ until the env says done. The stored record has FastChat turns (instruction,
 Failures end one episode with a `terminate_reason`, never the run:
 "context_overflow" (a result: the model cannot go on), "model_error: ..." and
 "env_error: ..." (infrastructure failures: the task is redone by a rerun).
+
+Each episode's meta["cost"] says what it spent: model calls, prompt and generated tokens (as the agent
+reported them; None when it reports none), env steps and wall seconds. metrics.json holds their sums.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import os
 import re
 import tempfile
 import threading
+import time
 from collections import Counter
 from contextlib import nullcontext
 from pathlib import Path
@@ -104,6 +108,8 @@ def run_episode(cfg: TaskConfig, task: Task, agent: Agent, icl_num: int, instruc
     pool = envs or EnvPool(cfg)
     env = None
     healthy = False
+    started = time.monotonic()
+    calls: list[tuple[int, int] | None] = []  # per model call: the tokens the agent reported, or None
     turns: list[dict[str, str]] = []
     final_observation = None
     try:
@@ -117,7 +123,7 @@ def run_episode(cfg: TaskConfig, task: Task, agent: Agent, icl_num: int, instruc
         _show(verbose, task, "task", first_observation)
         while not env.state.finished:
             try:
-                answer = agent(messages)
+                answer = _ask(agent, messages, calls)
             except ContextOverflowError:
                 env.terminate("context_overflow")
                 break
@@ -159,8 +165,35 @@ def run_episode(cfg: TaskConfig, task: Task, agent: Agent, icl_num: int, instruc
             pool.release(env, healthy)
         if envs is None:
             pool.close_all()
-    meta = {**state, "final_observation": final_observation}
+    meta = {**state, "final_observation": final_observation,
+            "cost": episode_cost(calls, state["steps"], time.monotonic() - started)}
     return {"id": task.id, "meta": meta, "conversations": turns}
+
+
+def _ask(agent: Agent, messages: list[dict[str, str]], calls: list) -> str:
+    """One model call; what the agent reported it cost goes to `calls`, even when the call fails."""
+    try:
+        return agent(messages)
+    finally:
+        calls.append(agent.take_usage())
+
+
+def episode_cost(calls: list[tuple[int, int] | None], env_steps: int, seconds: float) -> dict[str, Any]:
+    reported = [c for c in calls if c is not None]
+    return {"model_calls": len(calls),
+            "prompt_tokens": sum(c[0] for c in reported) if reported else None,
+            "completion_tokens": sum(c[1] for c in reported) if reported else None,
+            "env_steps": env_steps, "episode_seconds": round(seconds, 3)}
+
+
+def sum_costs(costs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Field-by-field sums of cost records; a field no record has a number for stays None."""
+    fields = dict.fromkeys(k for c in costs for k in c)
+    sums = {}
+    for field in fields:
+        values = [c[field] for c in costs if c.get(field) is not None]
+        sums[field] = round(sum(values), 3) if values else None
+    return sums
 
 
 def _show(verbose: bool, task: Task, who: str, text: str) -> None:
@@ -217,13 +250,13 @@ def compute_metrics(records: list[dict[str, Any] | None], num_tasks: int) -> dic
     """Average reward = sum of rewards / tasks in the shard (a missing record counts as 0), success rate likewise."""
     metas = [r["meta"] for r in records if r is not None]
     reasons = Counter(str(m.get("terminate_reason")) for m in metas)
-    kinds = Counter(_reason_kind(r) for r in reasons.elements())
+    kinds = Counter(reason_kind(r) for r in reasons.elements())
     infra = {k: n for k, n in kinds.items() if is_infrastructure_failure(k)}
     examples = {}
     for m in metas:  # one full message per failure kind, to see what went wrong without opening files
         reason = str(m.get("terminate_reason"))
         if is_infrastructure_failure(reason):
-            examples.setdefault(_reason_kind(reason), reason[:500])
+            examples.setdefault(reason_kind(reason), reason[:500])
     total_reward = sum(float(m.get("reward") or 0.0) for m in metas)
     successes = sum(bool(m.get("success")) for m in metas)
     return {
@@ -238,9 +271,11 @@ def compute_metrics(records: list[dict[str, Any] | None], num_tasks: int) -> dic
         "terminate_reasons": dict(sorted(kinds.items())),
         "infrastructure_failures": dict(sorted(infra.items())),
         "failure_examples": examples,
+        # episode files written before costs were recorded have none
+        "cost": sum_costs([m["cost"] for m in metas if "cost" in m]),
     }
 
 
-def _reason_kind(reason: str) -> str:
+def reason_kind(reason: str) -> str:
     """Group 'model_error: <details>' under 'model_error'."""
     return reason.split(":", 1)[0].strip()

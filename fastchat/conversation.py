@@ -219,8 +219,9 @@ def fastchat_prompt(conv: dict, messages: list[dict[str, str]]) -> str:
     try:
         style = FastChatStyle(conv["sep_style"])
     except ValueError:
+        known = ", ".join(f"{s.name}={s.value}" for s in FastChatStyle)
         raise TemplateError(f"FastChat separator style {conv['sep_style']!r} is not rendered here; known (numbered "
-                            f"as in fschat 0.2.36): {', '.join(f'{s.name}={s.value}' for s in FastChatStyle)}") from None
+                            f"as in fschat 0.2.36): {known}") from None
     roles = conv["roles"]
     system_message = conv["system_message"]
     turns = [tuple(t) for t in conv["messages"]]
@@ -260,7 +261,7 @@ def fastchat_prompt(conv: dict, messages: list[dict[str, str]]) -> str:
         head, joiner, opener, seps = system + sep + "\n" if system else "", "\n", "\n", (sep + "\n", sep + "\n")
     out = head
     for i, (role, text) in enumerate(turns):
-        out += role + joiner + text + seps[i % 2] if text else role + opener
+        out += (role + joiner + text + seps[i % 2]) if text else (role + opener)
     return out
 
 

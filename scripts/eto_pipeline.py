@@ -66,6 +66,20 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def train_cost(out: Path) -> dict:
+    """What a trainer spent, from the files it writes next to the model: tokens through the model (unpadded,
+    x epochs; DPO counts chosen + rejected), optimizer steps and peak memory. A file it did not write gives None."""
+    def read(name: str) -> dict:
+        path = out / name
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    summary, state = read("train_summary.json"), read("trainer_state.json")
+    tokens = summary.get("tokens_per_epoch")
+    return {"train_tokens": round(tokens * summary["epochs"]) if tokens is not None else None,
+            "optimizer_steps": state.get("global_step"), "peak_rss_mib": summary.get("peak_rss_mib"),
+            "peak_cuda_mib": summary.get("peak_cuda_mib")}
+
+
 def accumulation_steps(global_batch: int, per_device: int, world_size: int) -> int:
     """The original's rule (bash integer division): global / world / per-device, at least 1."""
     return max(1, global_batch // world_size // per_device)
@@ -198,6 +212,8 @@ class Pipeline:
         self.services = Services(self.logs, self.env)
         import torch  # only to ask whether a GPU is visible (trainers then get --bf16)
         self.cuda = torch.cuda.is_available()
+        # a stage's GPU-seconds: its wall time x the GPUs it was given
+        self.gpus = (self.world_size() if args.gpus else torch.cuda.device_count()) if self.cuda else 0
 
     # --- stage bookkeeping -------------------------------------------------
     def done(self, stage: str) -> dict | None:
@@ -209,9 +225,12 @@ class Pipeline:
             return record
         return None
 
-    def finish(self, stage: str, started: float, outputs: list[Path], **extra) -> dict:
-        record = {"stage": stage, "seconds": round(time.time() - started, 1),
-                  "outputs": [str(p) for p in outputs], **extra}
+    def finish(self, stage: str, started: float, outputs: list[Path], cost: dict | None = None, **extra) -> dict:
+        seconds = round(time.time() - started, 1)
+        cost = dict(cost or {})
+        if self.gpus:
+            cost["gpu_seconds"] = round(seconds * self.gpus, 1)
+        record = {"stage": stage, "seconds": seconds, "outputs": [str(p) for p in outputs], "cost": cost, **extra}
         tmp = self.stages / f"{stage}.json.tmp"
         tmp.write_text(json.dumps(record, indent=1))
         os.replace(tmp, self.stages / f"{stage}.json")
@@ -338,7 +357,8 @@ class Pipeline:
             *self.batch_flags(self.a.sft_batch_size, self.a.sft_per_device_batch_size), "--warmup_ratio", "0.03",
             "--lr_scheduler_type", "cosine", *self.common_train_flags()]
         self.run("sft", cmd)
-        self.finish("sft", started, [out / "config.json"], samples=len(json.loads(data.read_text())))
+        self.finish("sft", started, [out / "config.json"], cost=train_cost(out),
+                    samples=len(json.loads(data.read_text())))
         return out
 
     def expert_ids(self) -> Path:
@@ -376,7 +396,7 @@ class Pipeline:
                 cmd += ["--max_new_tokens", str(self.a.max_new_tokens)]
             self.run(stage, cmd)
         metrics = json.loads((out / "metrics.json").read_text())
-        self.finish(stage, started, [out / "metrics.json"], metrics=metrics)
+        self.finish(stage, started, [out / "metrics.json"], cost=metrics["cost"], metrics=metrics)
         return metrics
 
     def pairs(self, stage: str, explore_dir: Path, out: Path) -> dict:
@@ -406,7 +426,7 @@ class Pipeline:
             "--lr_scheduler_type", "constant_with_warmup", "--warmup_ratio", str(self.a.dpo_warmup_ratio),
             "--precompute_ref_logps", *self.common_train_flags()]
         self.run(stage, cmd)
-        self.finish(stage, started, [out / "config.json"], lr=lr, beta=beta)
+        self.finish(stage, started, [out / "config.json"], cost=train_cost(out), lr=lr, beta=beta)
         return out
 
     def settings(self) -> dict:
@@ -463,6 +483,7 @@ class Pipeline:
         print(summary["markdown"])
         print(f"[eto] summary: {self.run_dir / 'summary.json'}, {self.run_dir / 'summary.md'}, "
               f"{self.run_dir / 'summary.png'}")
+        print(f"[eto] see the run (stages, episodes, pairs): python -m eval_agent.viewer {self.run_dir}")
         return 0
 
 

@@ -1,11 +1,17 @@
 """Summary of an ETO run: reward and success per stage with 95% bootstrap intervals, the paired
-differences between consecutive test evaluations, pair counts and times (JSON, Markdown, PNG).
+differences between consecutive test evaluations, pair counts, times and what each stage cost (JSON,
+Markdown, PNG).
 
     python scripts/eto_summary.py outputs/demo     # rebuild the summary of a run folder
 
 Intervals: percentile bootstrap over tasks (10,000 resamples, fixed seed). A paired difference
 (e.g. SFT - base) compares the same test tasks in both stages: its interval resamples the per-task
 differences, and the counts say on how many tasks the later stage scored higher / lower.
+
+Costs (summary["costs"]): per stage and in total, from the stage records (stages/<stage>.json): wall seconds,
+GPU-seconds (wall x GPUs given, when CUDA is available), for evaluations and explorations the sums over their
+episodes (model calls, prompt and generated tokens, env steps, episode seconds), for training stages the tokens
+through the model, optimizer steps and peak memory. The total sums each field; its peak memory is the largest.
 """
 from __future__ import annotations
 
@@ -15,9 +21,15 @@ import random
 import sys
 from pathlib import Path
 
+from eval_agent.runner import sum_costs
+
 BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0
 TEST_STAGE_LABELS = {"eval_base": "base", "eval_sft": "SFT"}
+COST_LABELS = {"wall_seconds": "wall s", "gpu_seconds": "GPU s", "model_calls": "model calls",
+               "prompt_tokens": "prompt tokens", "completion_tokens": "generated tokens", "env_steps": "env steps",
+               "episode_seconds": "episode s (sum)", "train_tokens": "train tokens", "optimizer_steps": "optimizer steps",
+               "peak_rss_mib": "peak RSS MiB", "peak_cuda_mib": "peak GPU MiB"}
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -69,6 +81,18 @@ def per_task(folder: Path, num_tasks: int | None = None) -> dict[str, dict]:
     return out
 
 
+def costs(stages: dict[str, dict]) -> dict:
+    """The cost table: a row per stage (None where a field does not apply) and the total."""
+    rows = []
+    for name, rec in stages.items():
+        cost = {"wall_seconds": rec.get("seconds"), **rec.get("cost", {})}
+        rows.append({"stage": name, **{f: cost.get(f) for f in COST_LABELS}})
+    peak = [f for f in COST_LABELS if f.startswith("peak")]
+    total = sum_costs([{f: r[f] for f in COST_LABELS if f not in peak} for r in rows])
+    total.update({f: max((r[f] for r in rows if r[f] is not None), default=None) for f in peak})
+    return {"labels": COST_LABELS, "stages": rows, "total": {f: total.get(f) for f in COST_LABELS}}
+
+
 def collect(run_dir: Path) -> dict:
     stages = {}
     for path in sorted((run_dir / "stages").glob("*.json"), key=lambda p: p.stat().st_mtime):
@@ -100,7 +124,7 @@ def collect(run_dir: Path) -> dict:
               "reward_ci95": by_name[s]["reward_ci95"]} for s in order]
     return {"run": run_dir.name, "results": rows, "paired_differences": differences, "pairs": pairs,
             "stage_seconds": times, "total_seconds": round(sum(t or 0 for t in times.values()), 1),
-            "test_reward_by_stage": curve}
+            "test_reward_by_stage": curve, "costs": costs(stages)}
 
 
 def _test_order(stage: str) -> int:
@@ -134,7 +158,18 @@ def markdown(summary: dict) -> str:
     other = {k: v for k, v in summary["stage_seconds"].items() if not k.startswith(("eval", "explore"))}
     lines.append("\ntraining/pair stages (s): " + ", ".join(f"{k}={v}" for k, v in other.items()))
     lines.append(f"total stage time: {summary['total_seconds']} s")
+    table = summary["costs"]
+    shown = [f for f, v in table["total"].items() if v is not None]  # fields no stage reports are left out
+    lines += ["", "| cost | " + " | ".join(table["labels"][f] for f in shown) + " |", "|---" * (len(shown) + 1) + "|"]
+    for row in [*table["stages"], {**table["total"], "stage": "**total**"}]:
+        lines.append(f"| {row['stage']} | " + " | ".join(_amount(row[f]) for f in shown) + " |")
     return "\n".join(lines)
+
+
+def _amount(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.1f}" if isinstance(value, float) else str(value)
 
 
 def plot(summary: dict, path: Path) -> None:

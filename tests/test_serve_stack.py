@@ -155,6 +155,32 @@ def test_openai_client_chat_completion_plain_and_streaming(stack):
     assert comp.choices[0].finish_reason in ("stop", "length") and comp.usage.completion_tokens > 0
 
 
+def test_openai_streams_every_choice_as_its_plain_answer(stack):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=stack["api"] + "/v1", api_key="EMPTY", timeout=60)
+
+    def streamed(events) -> tuple[dict, dict]:
+        texts, finishes = {}, {}
+        for event in events:
+            choice = event.choices[0]
+            piece = choice.text if hasattr(choice, "text") else choice.delta.content
+            texts[choice.index] = texts.get(choice.index, "") + (piece or "")
+            finishes[choice.index] = choice.finish_reason or finishes.get(choice.index)
+        return texts, finishes
+
+    prompts = ["look around", "go to table 1"]
+    plain = client.completions.create(model=MODEL, prompt=prompts, max_tokens=6, temperature=0)
+    assert streamed(client.completions.create(model=MODEL, prompt=prompts, max_tokens=6, temperature=0,
+                                              stream=True)) == (
+        {c.index: c.text for c in plain.choices}, {c.index: c.finish_reason for c in plain.choices})
+    messages = [{"role": "user", "content": "look around"}]
+    chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0)
+    answer = chat.choices[0]
+    assert streamed(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0,
+                                                   n=2, stream=True)) == (
+        {0: answer.message.content, 1: answer.message.content}, {0: answer.finish_reason, 1: answer.finish_reason})
+
+
 def test_openai_chat_uses_the_workers_template(stack):
     """The API server's prompt is the chat template rendering, so it matches a raw completion on that text."""
     openai = pytest.importorskip("openai")

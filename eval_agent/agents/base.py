@@ -5,10 +5,12 @@ thread-safe. Failures are reported through two exceptions the episode loop
 understands: `ContextOverflowError` (the conversation no longer fits the model;
 the episode ends, the run goes on) and `ModelError` (the model could not be
 reached or kept failing after retries; an infrastructure failure that a rerun
-redoes).
+redoes). An agent that knows what an answer cost calls `report_usage` with the
+server's token counts; the episode loop records them per episode.
 """
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from typing import Any
 
@@ -39,10 +41,21 @@ class Agent(ABC):
         self.stop = list(AGENT_STOP if stop is None else stop)
         if options:
             raise TypeError(f"{type(self).__name__}: unknown option(s) {sorted(options)}")
+        # per thread: concurrent episodes share the agent, and each episode runs on one thread
+        self._usage = threading.local()
 
     @abstractmethod
     def __call__(self, messages: list[dict[str, str]]) -> str:
         """Return the model's answer to `messages` ([{"role": "user"|"assistant", "content"}])."""
+
+    def report_usage(self, prompt_tokens: int, completion_tokens: int) -> None:
+        """Record the token counts of the answer being returned on this thread."""
+        self._usage.last = (int(prompt_tokens), int(completion_tokens))
+
+    def take_usage(self) -> tuple[int, int] | None:
+        """(prompt tokens, generated tokens) reported for this thread's last answer, or None; clears them."""
+        usage, self._usage.last = getattr(self._usage, "last", None), None
+        return usage
 
     def close(self) -> None:
         """Release connections."""

@@ -144,7 +144,7 @@ class FastChatAgent(Agent):
             "echo": False, "truncate": self.truncate_prompt,
         }
         deadline = time.monotonic() + self.timeout
-        text = None
+        last = None  # each chunk carries the whole answer so far and its usage
         with self._client.stream("POST", f"{worker_address}/worker_generate_stream", json=payload) as r:
             if r.status_code >= 500:
                 raise _Retryable(f"worker {worker_address}: HTTP {r.status_code}")
@@ -155,18 +155,22 @@ class FastChatAgent(Agent):
             for piece in r.iter_bytes():
                 *chunks, pending = (pending + piece).split(b"\0")
                 for chunk in chunks:
-                    text = self._read_chunk(chunk, text)
+                    last = self._read_chunk(chunk, last)
                 if time.monotonic() > deadline:
                     raise _Retryable(f"worker {worker_address}: no complete answer within {self.timeout:.0f}s")
-            text = self._read_chunk(pending, text)
-        if text is None:
+            last = self._read_chunk(pending, last)
+        if last is None:
             raise _Retryable(f"worker {worker_address}: the stream ended without output")
-        return text.strip()
+        usage = last.get("usage")
+        if usage:
+            self.report_usage(usage["prompt_tokens"], usage["completion_tokens"])
+        return last.get("text", "").strip()
 
     @staticmethod
-    def _read_chunk(chunk: bytes, text: str | None) -> str | None:
+    def _read_chunk(chunk: bytes, last: dict | None) -> dict | None:
+        """The chunk's data (or `last` for an empty chunk); server errors raise."""
         if not chunk.strip():
-            return text
+            return last
         try:
             data = json.loads(chunk)
         except json.JSONDecodeError as e:
@@ -178,4 +182,4 @@ class FastChatAgent(Agent):
             raise _Retryable(f"error code {code}: {str(data.get('text'))[:200]}")
         if code:
             raise ModelError(f"error code {code}: {str(data.get('text'))[:200]}")
-        return data.get("text", "")
+        return data

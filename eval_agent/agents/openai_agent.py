@@ -44,6 +44,8 @@ class OpenAIAgent(Agent):
             raise ModelError(f"{type(e).__name__}: {e}") from e
         if not response.choices:
             raise ModelError("the server returned no choices")
+        if response.usage is not None:
+            self.report_usage(response.usage.prompt_tokens, response.usage.completion_tokens)
         return (response.choices[0].message.content or "").strip()
 
     def close(self) -> None:

@@ -1,15 +1,18 @@
 """An OpenAI-compatible API in front of the controller.
 
     python -m fastchat.serve.openai_api_server --controller-address http://127.0.0.1:21001 \
-        [--host 127.0.0.1] [--port 8000]
+        [--host 127.0.0.1] [--port 8000] [--api-keys KEY1,KEY2]
 
     from openai import OpenAI
-    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="EMPTY")
+    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="EMPTY")  # or one of --api-keys
     client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": "Hi"}])
 
 Chat messages are rendered by the worker with its chat template (the same
 fastchat.conversation code the trainers use), and the template's stop strings
-and stop token ids are passed along with the request's own stops.
+and stop token ids are passed along with the request's own stops. A worker
+without /worker_render_chat (one of FastChat's own) is asked for its
+conversation template instead, rendered as FastChat's get_prompt renders it.
+With --api-keys every request must carry `Authorization: Bearer <one of them>`.
 """
 from __future__ import annotations
 
@@ -17,13 +20,17 @@ import argparse
 import asyncio
 import json
 import logging
-from typing import AsyncIterator
+import secrets
+from typing import AsyncIterator, Callable
 
 import httpx
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from fastchat.constants import API_PORT, CONTROLLER_PORT, ErrorCode
+from fastchat.conversation import fastchat_prompt
+from fastchat.serve.hosts import warn_if_not_loopback
 from fastchat.serve.openai_protocol import (ChatCompletionRequest, ChatCompletionResponse,
                                             ChatCompletionResponseChoice, ChatCompletionStreamChoice,
                                             ChatCompletionStreamResponse, ChatMessage, CompletionChoice,
@@ -42,6 +49,10 @@ class APIError(Exception):
         return JSONResponse(ErrorResponse(message=str(self), code=self.code).model_dump(), status_code=400)
 
 
+class InvalidAPIKey(Exception):
+    pass
+
+
 def _stops(*groups) -> list[str]:
     out: list[str] = []
     for g in groups:
@@ -51,17 +62,35 @@ def _stops(*groups) -> list[str]:
     return out
 
 
-def build_app(controller_address: str, worker_timeout: float = 100.0) -> FastAPI:
-    app = FastAPI(title="fastchat OpenAI-compatible API")
+def build_app(controller_address: str, worker_timeout: float = 100.0, api_keys: list[str] | None = None) -> FastAPI:
+    async def check_api_key(auth: HTTPAuthorizationCredentials | None = Depends(HTTPBearer(auto_error=False))):
+        # compare_digest: how long a wrong key takes to refuse says nothing about the right ones
+        if auth is None or not any(secrets.compare_digest(auth.credentials.encode(), k.encode()) for k in api_keys):
+            raise InvalidAPIKey()
+
+    app = FastAPI(title="fastchat OpenAI-compatible API", dependencies=[Depends(check_api_key)] if api_keys else [])
     client = httpx.AsyncClient(timeout=httpx.Timeout(worker_timeout, connect=10.0))
+
+    @app.exception_handler(InvalidAPIKey)
+    async def _refuse(request, exc):  # OpenAI's answer to a missing or wrong key
+        return JSONResponse({"error": {"message": "Invalid or missing API key: send 'Authorization: Bearer <key>' "
+                                                  "with one of the keys this server was started with (--api-keys).",
+                                       "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}},
+                            status_code=401, headers={"WWW-Authenticate": "Bearer"})
 
     @app.on_event("shutdown")
     async def _close():
         await client.aclose()
 
-    async def post(url: str, payload: dict) -> dict:
+    async def send(url: str, payload: dict) -> httpx.Response:
         try:
-            r = await client.post(url, json=payload)
+            return await client.post(url, json=payload)
+        except httpx.HTTPError as e:
+            raise APIError(ErrorCode.CONTROLLER_WORKER_TIMEOUT, f"request to {url} failed: {e}") from e
+
+    async def post(url: str, payload: dict) -> dict:
+        r = await send(url, payload)
+        try:
             r.raise_for_status()
             return r.json()
         except (httpx.HTTPError, ValueError) as e:
@@ -98,6 +127,26 @@ def build_app(controller_address: str, worker_timeout: float = 100.0) -> FastAPI
             raise APIError(out["error_code"], out.get("text", "generation failed"))
         return out
 
+    async def render_chat(worker: str, model: str, messages: list[dict]) -> dict:
+        """Prompt and stops: rendered by the worker (ours), or from its conversation template (FastChat's)."""
+        r = await send(worker + "/worker_render_chat", {"model": model, "messages": messages})
+        if r.status_code == 404:  # FastChat's own workers have no such endpoint
+            conv = (await post(worker + "/worker_get_conv_template", {"model": model}))["conv"]
+            try:
+                prompt = fastchat_prompt(conv, messages)
+            except (KeyError, TypeError, ValueError) as e:  # TemplateError is a ValueError
+                raise APIError(ErrorCode.INTERNAL_ERROR, f"cannot render with the conversation template of worker "
+                                                         f"{worker}: {e!r}") from e
+            return {"prompt": prompt, "stop": _stops(conv.get("stop_str")),
+                    "stop_token_ids": conv.get("stop_token_ids") or []}
+        try:
+            chat = r.json()
+        except ValueError as e:
+            raise APIError(ErrorCode.CONTROLLER_WORKER_TIMEOUT, f"worker {worker}: HTTP {r.status_code}") from e
+        if "prompt" not in chat:
+            raise APIError(chat.get("error_code", ErrorCode.VALIDATION_TYPE_ERROR), chat.get("text", str(chat)))
+        return chat
+
     async def stream_chunks(worker: str, params: dict) -> AsyncIterator[dict]:
         async with client.stream("POST", worker + "/worker_generate_stream", json=params) as r:
             buf = b""
@@ -107,6 +156,29 @@ def build_app(controller_address: str, worker_timeout: float = 100.0) -> FastAPI
                 for c in chunks:
                     if c:
                         yield json.loads(c)
+
+    async def event_stream(worker: str, jobs: list[tuple[int, dict]], event: Callable[[int, str, str | None], str],
+                           opening: Callable[[int], str] | None = None) -> AsyncIterator[str]:
+        """Server-sent events for the choices `jobs` (index, worker params), generated one after another.
+
+        `event(index, new_text, finish_reason)` and `opening(index)` (sent before a choice's text) give a
+        chunk's JSON; a worker error ends the stream with the worker's error chunk.
+        """
+        for index, params in jobs:
+            if opening is not None:
+                yield f"data: {opening(index)}\n\n"
+            sent = ""
+            async for chunk in stream_chunks(worker, params):
+                if chunk.get("error_code", 0) != 0:
+                    yield f"data: {json.dumps(chunk)}\n\n"
+                    yield "data: [DONE]\n\n"
+                    return
+                text, finish = chunk["text"], chunk.get("finish_reason")
+                delta = text[len(sent):] if text.startswith(sent) else text
+                sent = text
+                if delta or finish is not None:
+                    yield f"data: {event(index, delta, finish)}\n\n"
+        yield "data: [DONE]\n\n"
 
     def sampling(req, model: str, prompt: str, max_new: int, stop: list[str], stop_ids: list[int]) -> dict:
         return {"model": model, "prompt": prompt, "temperature": req.temperature if req.temperature is not None
@@ -129,14 +201,20 @@ def build_app(controller_address: str, worker_timeout: float = 100.0) -> FastAPI
             worker = await worker_for(req.model)
             messages = ([{"role": "user", "content": req.messages}] if isinstance(req.messages, str)
                         else [m.model_dump() for m in req.messages])
-            chat = await post(worker + "/worker_render_chat", {"model": req.model, "messages": messages})
-            if "prompt" not in chat:
-                raise APIError(chat.get("error_code", ErrorCode.VALIDATION_TYPE_ERROR), chat.get("text", ""))
+            chat = await render_chat(worker, req.model, messages)
             max_new = await max_new_tokens(worker, req.model, chat["prompt"], req.max_tokens)
             params = sampling(req, req.model, chat["prompt"], max_new, _stops(req.stop, chat["stop"]),
                               chat["stop_token_ids"])
             if req.stream:
-                return StreamingResponse(chat_stream(worker, params, req.n or 1), media_type="text/event-stream")
+                cid = _id("chatcmpl")
+
+                def chunk(index: int, delta: DeltaMessage, finish: str | None = None) -> str:
+                    return ChatCompletionStreamResponse(id=cid, model=req.model, choices=[ChatCompletionStreamChoice(
+                        index=index, delta=delta, finish_reason=finish)]).model_dump_json(exclude_none=True)
+                events = event_stream(worker, [(i, params) for i in range(req.n or 1)],
+                                      lambda i, text, finish: chunk(i, DeltaMessage(content=text), finish),
+                                      opening=lambda i: chunk(i, DeltaMessage(role="assistant")))
+                return StreamingResponse(events, media_type="text/event-stream")
             outs = await asyncio.gather(*[generate(worker, params) for _ in range(req.n or 1)])
         except APIError as e:
             return e.response()
@@ -151,28 +229,6 @@ def build_app(controller_address: str, worker_timeout: float = 100.0) -> FastAPI
                                          finish_reason=o.get("finish_reason") or "stop")
             for i, o in enumerate(outs)])
 
-    async def chat_stream(worker: str, params: dict, n: int):
-        cid = _id("chatcmpl")
-        for i in range(n):
-            first = ChatCompletionStreamResponse(id=cid, model=params["model"], choices=[
-                ChatCompletionStreamChoice(index=i, delta=DeltaMessage(role="assistant"))])
-            yield f"data: {first.model_dump_json(exclude_none=True)}\n\n"
-            sent = ""
-            async for chunk in stream_chunks(worker, params):
-                if chunk.get("error_code", 0) != 0:
-                    yield f"data: {json.dumps(chunk)}\n\n"
-                    yield "data: [DONE]\n\n"
-                    return
-                text, finish = chunk["text"], chunk.get("finish_reason")
-                delta = text[len(sent):] if text.startswith(sent) else text
-                sent = text
-                if not delta and finish is None:
-                    continue
-                msg = ChatCompletionStreamResponse(id=cid, model=params["model"], choices=[
-                    ChatCompletionStreamChoice(index=i, delta=DeltaMessage(content=delta), finish_reason=finish)])
-                yield f"data: {msg.model_dump_json(exclude_none=True)}\n\n"
-        yield "data: [DONE]\n\n"
-
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
@@ -184,8 +240,12 @@ def build_app(controller_address: str, worker_timeout: float = 100.0) -> FastAPI
                 max_new = await max_new_tokens(worker, req.model, p, req.max_tokens)
                 params.append(sampling(req, req.model, p, max_new, _stops(req.stop), []) | {"echo": bool(req.echo)})
             if req.stream:
-                return StreamingResponse(completion_stream(worker, params, req.n or 1),
-                                         media_type="text/event-stream")
+                cid = _id("cmpl")
+                events = event_stream(
+                    worker, list(enumerate(p for p in params for _ in range(req.n or 1))),
+                    lambda i, text, finish: CompletionStreamResponse(id=cid, model=req.model, choices=[
+                        CompletionChoice(index=i, text=text, finish_reason=finish)]).model_dump_json())
+                return StreamingResponse(events, media_type="text/event-stream")
             outs = await asyncio.gather(*[generate(worker, p) for p in params for _ in range(req.n or 1)])
         except APIError as e:
             return e.response()
@@ -199,28 +259,6 @@ def build_app(controller_address: str, worker_timeout: float = 100.0) -> FastAPI
             CompletionChoice(index=i, text=o["text"], finish_reason=o.get("finish_reason") or "stop")
             for i, o in enumerate(outs)])
 
-    async def completion_stream(worker: str, params: list[dict], n: int):
-        cid = _id("cmpl")
-        index = 0
-        for p in params:
-            for _ in range(n):
-                sent = ""
-                async for chunk in stream_chunks(worker, p):
-                    if chunk.get("error_code", 0) != 0:
-                        yield f"data: {json.dumps(chunk)}\n\n"
-                        yield "data: [DONE]\n\n"
-                        return
-                    text, finish = chunk["text"], chunk.get("finish_reason")
-                    delta = text[len(sent):] if text.startswith(sent) else text
-                    sent = text
-                    if not delta and finish is None:
-                        continue
-                    msg = CompletionStreamResponse(id=cid, model=p["model"], choices=[
-                        CompletionChoice(index=index, text=delta, finish_reason=finish)])
-                    yield f"data: {msg.model_dump_json()}\n\n"
-                index += 1
-        yield "data: [DONE]\n\n"
-
     return app
 
 
@@ -230,10 +268,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--port", type=int, default=API_PORT)
     p.add_argument("--controller-address", default=f"http://127.0.0.1:{CONTROLLER_PORT}")
     p.add_argument("--worker-timeout", type=float, default=100.0, help="seconds to wait on a worker")
+    p.add_argument("--api-keys", type=lambda s: [k for k in s.split(",") if k], default=None,
+                   help="comma-separated keys; requests must then send 'Authorization: Bearer <key>'")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    warn_if_not_loopback(a.host, "OpenAI API server")
     import uvicorn
-    uvicorn.run(build_app(a.controller_address, a.worker_timeout), host=a.host, port=a.port, log_level="warning")
+    uvicorn.run(build_app(a.controller_address, a.worker_timeout, a.api_keys), host=a.host, port=a.port,
+                log_level="warning")
 
 
 if __name__ == "__main__":

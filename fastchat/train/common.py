@@ -66,6 +66,8 @@ class EtoTrainingArguments(transformers.TrainingArguments):
                                "on CPU)")
             self.bf16 = self.fp16 = False
             self.dataloader_pin_memory = False
+            # without it transformers never sets up CPU DDP: under torchrun every rank would train alone on all data
+            self.use_cpu = True
         if self.warmup_ratio and not self.warmup_steps:
             self.warmup_steps = self.warmup_ratio  # transformers reads a float < 1 as a ratio of all steps
         super().__post_init__()

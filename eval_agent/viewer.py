@@ -1,0 +1,312 @@
+"""See a run: a read-only web viewer of an ETO run folder, or of one folder of episodes.
+
+    python -m eval_agent.viewer outputs/demo [--port 8000] [--host 127.0.0.1]
+    python -m eval_agent.viewer outputs/demo/eval/sft            # one evaluation's episode files
+
+Pages (plain HTML, no JavaScript):
+- run: the summary (reward and success per stage with 95% intervals, paired differences, pair counts), the
+  reward plot, the cost table, the settings, and every folder of episodes and every pair file;
+- stage: every task with reward, success, steps and terminate reason; query parameters filter (`reason`,
+  `success=yes|no`, `change=better|worse|same`) and sort (`sort=reward`, `sort=-steps`, ...), and `compare=STAGE`
+  shows each task's reward there and marks the tasks that got better or worse;
+- episode: the conversation step by step (thought, action, observation), the reward and the meta;
+- pairs / pair: chosen and rejected side by side after their common prompt (and the prefix of a step-level
+  pair), the first divergent step marked, the rewards and the length cap applied to the rejected side.
+
+Files are read on every request, so a run in progress shows what it has done so far. Everything an episode
+holds is model or environment output: the templates escape it (Jinja autoescaping).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from flask import Flask, abort, render_template, request, send_file, url_for
+
+from eval_agent.runner import read_result, reason_kind, task_filename
+
+HERE = Path(__file__).resolve().parent
+EPISODE_KINDS = ("eval", "explore")  # <run>/eval/<name>, <run>/explore/<name>
+PROMPT_TURNS = 3  # instruction, "OK", task
+SORT_KEYS = ("id", "reward", "success", "steps", "reason", "change")
+FILTERS = {"success": ("yes", "no"), "change": ("better", "worse", "same")}
+
+
+class ViewerError(ValueError):
+    """The folder given is neither a run folder nor a folder of episode files."""
+
+
+class Run:
+    """A run folder (<run>/eval/*, <run>/explore/*, <run>/pairs/*.json, summary and settings), or a single
+    folder of episode files shown as a run with one stage named after the folder."""
+
+    def __init__(self, root: Path):
+        self.root = root.resolve()
+        if not self.root.is_dir():
+            raise ViewerError(f"{root}: no such folder")
+        self.is_run = any((self.root / d).is_dir() for d in ("stages", *EPISODE_KINDS))
+        if not self.is_run and not episodes(self.root):
+            raise ViewerError(f"{root}: neither a run folder (with eval/, explore/ or stages/) nor a folder of "
+                              "episode files (<task id>.json with 'meta')")
+
+    def stages(self) -> dict[str, Path]:
+        """Folders of episodes in run order: {stage name: folder}; eval/sft is stage eval_sft."""
+        if not self.is_run:
+            return {self.root.name: self.root}
+        found = {f"{kind}_{d.name}": d for kind in EPISODE_KINDS for d in (self.root / kind).glob("*") if d.is_dir()}
+        return dict(sorted(found.items(), key=lambda item: stage_order(item[0])))
+
+    def pair_sets(self) -> dict[str, Path]:
+        """{name: pair file}; pairs/iter1.json is pairs_iter1, built from stage explore_iter1."""
+        return {f"pairs_{p.stem}": p for p in sorted((self.root / "pairs").glob("*.json"))}
+
+    def json_file(self, name: str) -> Any:
+        path = self.root / name
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def stage_order(name: str) -> tuple:
+    """base, SFT, then per iteration its exploration before its evaluation."""
+    kind, _, rest = name.partition("_")
+    order = {"base": -2, "sft": -1}.get(rest)
+    if order is None:
+        number = rest.removeprefix("iter")
+        order = int(number) if number.isdigit() else 10**9
+    return (order, kind != "explore", name)
+
+
+def episodes(folder: Path) -> dict[str, dict]:
+    """{file stem: record} of a folder's episode files; metrics files and unreadable files are left out."""
+    found = {}
+    for path in sorted(folder.glob("*.json")):
+        if not path.name.startswith("metrics") and (record := read_result(path)) is not None:
+            found[path.stem] = record
+    return found
+
+
+def steps(turns: list[dict], final_observation: str | None = None) -> list[dict]:
+    """The model's turns as steps: thought, action (None: the answer had no 'Action:') and the observation
+    that followed (the episode's final observation after the last answer)."""
+    out = []
+    for i, turn in enumerate(turns):
+        if turn.get("from") != "gpt":
+            continue
+        text = str(turn.get("value", ""))
+        thought, marker, action = text.partition("Action:")
+        following = turns[i + 1] if i + 1 < len(turns) else None
+        if following is not None and following.get("from") == "human":
+            observation = str(following.get("value", ""))
+        else:
+            observation = final_observation if following is None else None
+        out.append({"text": text, "thought": thought.strip().removeprefix("Thought:").strip(),
+                    "action": action.strip() if marker else None, "observation": observation})
+    return out
+
+
+def first_divergence(chosen: list[dict], rejected: list[dict]) -> int | None:
+    """Index of the first step where the two trajectories differ (a step one of them does not have counts);
+    None when they are the same."""
+    for i, (c, r) in enumerate(zip(chosen, rejected)):
+        if (c["text"], c["observation"]) != (r["text"], r["observation"]):
+            return i
+    return None if len(chosen) == len(rejected) else min(len(chosen), len(rejected))
+
+
+def pair_steps(pair: dict) -> dict:
+    """A pair's prefix (step-level pairs), chosen and rejected steps, and the number of the first divergent step
+    (counted from the first step after the prompt; None when both sides are the same)."""
+    prefix, chosen, rejected = (steps(pair.get(side, [])) for side in ("prefix", "chosen", "rejected"))
+    divergence = first_divergence(chosen, rejected)
+    return {"prefix": prefix, "chosen": chosen, "rejected": rejected,
+            "divergence": None if divergence is None else len(prefix) + divergence + 1}
+
+
+def task_row(key: str, record: dict) -> dict:
+    meta = record["meta"]
+    reason = meta.get("terminate_reason")
+    return {"key": key, "id": str(record.get("id", key)), "reward": float(meta.get("reward") or 0.0),
+            "success": bool(meta.get("success")), "steps": int(meta.get("steps") or 0),
+            "reason": reason_kind(str(reason)), "terminate_reason": reason}
+
+
+def change(reward: float, other: float | None) -> str | None:
+    if other is None:
+        return None
+    return "better" if reward > other else "worse" if reward < other else "same"
+
+
+def create_app(run: Run) -> Flask:
+    app = Flask(__name__, root_path=str(HERE), template_folder="viewer_templates", static_folder="viewer_static",
+                static_url_path="/static")
+    app.jinja_env.trim_blocks = app.jinja_env.lstrip_blocks = True  # readable page source
+
+    @app.template_filter("num")
+    def num(value) -> str:
+        if value is None:
+            return "-"
+        return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+    @app.template_filter("as_json")
+    def as_json(value) -> str:
+        return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, indent=1)
+
+    def stage_folder(name: str) -> Path:
+        stages = run.stages()
+        if name not in stages:
+            abort(404, f"no stage {name!r}; stages: {', '.join(stages) or 'none'}")
+        return stages[name]
+
+    def pair_set(name: str) -> list[dict]:
+        files = run.pair_sets()
+        if name not in files:
+            abort(404, f"no pair file {name!r}; pair files: {', '.join(files) or 'none'}")
+        return json.loads(files[name].read_text(encoding="utf-8"))
+
+    def explore_stage(pairs_name: str) -> str:
+        return "explore_" + pairs_name.removeprefix("pairs_")
+
+    @app.get("/")
+    def index():
+        stages = []
+        for name, folder in run.stages().items():
+            rows = [task_row(k, r) for k, r in episodes(folder).items()]
+            n = len(rows)
+            stages.append({"name": name, "episodes": n,
+                           "reward": sum(r["reward"] for r in rows) / n if n else None,
+                           "success": sum(r["success"] for r in rows) / n if n else None})
+        pair_sets = [{"name": name, "pairs": len(json.loads(path.read_text(encoding="utf-8")))}
+                     for name, path in run.pair_sets().items()]
+        summary = run.json_file("summary.json")
+        costs = (summary or {}).get("costs")
+        # columns no stage has a number for (GPU-seconds on a CPU run) are left out
+        cost_fields = [f for f, v in costs["total"].items() if v is not None] if costs else []
+        return render_template("run.html", run=run, summary=summary, costs=costs, cost_fields=cost_fields,
+                               settings=run.json_file("settings.json"), stages=stages, pair_sets=pair_sets,
+                               plot=(run.root / "summary.png").is_file(), stage_names=set(run.stages()))
+
+    @app.get("/summary.png")
+    def plot():
+        path = run.root / "summary.png"
+        if not path.is_file():
+            abort(404, "this run has no summary.png yet")
+        return send_file(path, mimetype="image/png")
+
+    @app.get("/stage/<name>")
+    def stage(name: str):
+        rows = [task_row(k, r) for k, r in episodes(stage_folder(name)).items()]
+        compare = request.args.get("compare") or None
+        if compare:
+            others = {row["id"]: row["reward"] for row in
+                      (task_row(k, r) for k, r in episodes(stage_folder(compare)).items())}
+            for row in rows:
+                row["other_reward"] = others.get(row["id"])
+                row["change"] = change(row["reward"], row["other_reward"])
+        reasons = sorted({row["reason"] for row in rows})
+        for key, allowed in FILTERS.items():
+            value = request.args.get(key)
+            if value and value not in allowed:
+                abort(400, f"{key} must be one of {', '.join(allowed)}")
+        if request.args.get("change") and not compare:
+            abort(400, "change= needs compare=<stage>")
+        wanted = {"reason": request.args.get("reason") or None,
+                  "success": {"yes": True, "no": False}.get(request.args.get("success", "")),
+                  "change": request.args.get("change") or None}
+        shown = [row for row in rows if all(v is None or row.get(k) == v for k, v in wanted.items())]
+        sort = request.args.get("sort", "id")
+        key = sort.removeprefix("-")
+        if key not in SORT_KEYS or (key == "change" and not compare):
+            abort(400, f"sort must be one of {', '.join(SORT_KEYS)} (change only with compare=), "
+                       "with '-' in front for descending")
+        # ties stay in task order (a stable sort, also reversed); tasks without a value (not in the compared
+        # stage) go last
+        shown.sort(key=lambda row: row["id"])
+        missing = [row for row in shown if row.get(key) is None]
+        shown = sorted((row for row in shown if row.get(key) is not None), key=lambda row: row[key],
+                       reverse=sort.startswith("-")) + missing
+
+        def link(**changes) -> str:
+            args = {**request.args.to_dict(), **changes}
+            return url_for("stage", name=name, **{k: v for k, v in args.items() if v})
+
+        return render_template("stage.html", run=run, name=name, rows=shown, total=len(rows), reasons=reasons,
+                               compare=compare, others=[s for s in run.stages() if s != name], sort=sort,
+                               args=request.args, link=link, pairs=pairs_by_id(name))
+
+    def pairs_by_id(stage_name: str) -> dict[str, tuple[str, int]]:
+        """{task id: (pair file name, index)} of the pairs built from this exploration stage."""
+        found: dict[str, tuple[str, int]] = {}
+        for name in run.pair_sets():
+            if explore_stage(name) == stage_name:
+                for i, p in enumerate(pair_set(name)):
+                    found.setdefault(str(p.get("id")), (name, i))  # a task's first pair (step-level pairs follow)
+        return found
+
+    @app.get("/episode/<stage_name>/<key>")
+    def episode(stage_name: str, key: str):
+        found = episodes(stage_folder(stage_name))
+        if key not in found:
+            abort(404, f"stage {stage_name} has no episode {key!r}")
+        record = found[key]
+        turns, meta = record.get("conversations", []), record["meta"]
+        pair = pairs_by_id(stage_name).get(str(record.get("id")))
+        return render_template("episode.html", run=run, stage=stage_name, record=record, meta=meta,
+                               prompt=turns[:PROMPT_TURNS], steps=steps(turns[PROMPT_TURNS:],
+                                                                         meta.get("final_observation")),
+                               pair=pair)
+
+    @app.get("/pairs/<name>")
+    def pairs(name: str):
+        rows = []
+        for i, p in enumerate(pair_set(name)):
+            view = pair_steps(p)
+            rows.append({"index": i, "id": str(p.get("id")), "outcome": p.get("outcome"),
+                         "chosen_reward": p.get("chosen_reward"), "rejected_reward": p.get("rejected_reward"),
+                         "chosen_steps": len(view["chosen"]), "rejected_steps": len(view["rejected"]),
+                         "rejected_rounds_total": p.get("rejected_rounds_total"),
+                         "cap": p.get("rejected_cap_rounds"), "step_level": "prefix" in p,
+                         "divergence": view["divergence"]})
+        return render_template("pairs.html", run=run, name=name, rows=rows, explore=explore_stage(name))
+
+    @app.get("/pair/<name>/<int:index>")
+    def pair(name: str, index: int):
+        records = pair_set(name)
+        if not 0 <= index < len(records):
+            abort(404, f"{name} has {len(records)} pairs (0 to {len(records) - 1})")
+        p = records[index]
+        view = pair_steps(p)
+        prefix, c, r = view["prefix"], view["chosen"], view["rejected"]
+        rows = [{"number": len(prefix) + i + 1, "chosen": c[i] if i < len(c) else None,
+                 "rejected": r[i] if i < len(r) else None, "divergent": len(prefix) + i + 1 == view["divergence"]}
+                for i in range(max(len(c), len(r)))]
+        agent = {"win": "chosen", "lose": "rejected"}.get(p.get("outcome"))  # the other side is the expert's
+        explore, key = explore_stage(name), task_filename(str(p.get("id"))).removesuffix(".json")
+        folder = run.stages().get(explore)
+        episode_link = url_for("episode", stage_name=explore, key=key) \
+            if agent and folder is not None and (folder / f"{key}.json").is_file() else None
+        return render_template("pair.html", run=run, name=name, index=index, count=len(records), pair=p,
+                               prompt=p.get("prompt", []), prefix=prefix, rows=rows, agent=agent,
+                               divergence=view["divergence"], step_level="prefix" in p, episode_link=episode_link,
+                               shown_rejected_rounds=len(r))
+
+    return app
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folder", type=Path, help="a run folder (<save_path>/<exp_name>) or a folder of episodes")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
+    args = parser.parse_args(argv)
+    try:
+        run = Run(args.folder)
+    except ViewerError as e:
+        parser.error(str(e))
+    print(f"viewer of {run.root} on http://{args.host}:{args.port}/", flush=True)
+    create_app(run).run(host=args.host, port=args.port, threaded=True, use_reloader=False)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
