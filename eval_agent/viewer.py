@@ -148,6 +148,12 @@ def create_app(run: Run) -> Flask:
             return "-"
         return f"{value:.4f}" if isinstance(value, float) else str(value)
 
+    @app.template_filter("amount")
+    def amount(value) -> str:  # seconds, memory: as in summary.md
+        if value is None:
+            return "-"
+        return f"{value:.1f}" if isinstance(value, float) else str(value)
+
     @app.template_filter("as_json")
     def as_json(value) -> str:
         return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, indent=1)

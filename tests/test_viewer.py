@@ -218,6 +218,11 @@ def num(value) -> str:
     return "-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
+def amount(value) -> str:
+    """The viewer's format of seconds and memory (as summary.md's)."""
+    return "-" if value is None else f"{value:.1f}" if isinstance(value, float) else str(value)
+
+
 def episode_files(folder: Path) -> dict[str, dict]:
     return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json")) if p.name != "metrics.json"}
 
@@ -275,7 +280,7 @@ def test_viewer_in_chromium_run_stage_episode_pair(tiny_run, browser, tmp_path):
             assert row.find_element(By.CLASS_NAME, "ci").text == f"[{num(r['reward_ci95'][0])}, {num(r['reward_ci95'][1])}]"
         total = browser.find_element(By.CSS_SELECTOR, '#costs tr[data-stage="total"]')
         for field in ("wall_seconds", "model_calls", "prompt_tokens", "completion_tokens", "train_tokens"):
-            assert total.find_element(By.CLASS_NAME, field).text == num(summary["costs"]["total"][field])
+            assert total.find_element(By.CLASS_NAME, field).text == amount(summary["costs"]["total"][field])
         assert browser.execute_script("return document.getElementById('plot').naturalWidth") > 100
         assert browser.find_element(By.CSS_SELECTOR, "#settings").text.count("alfworld") >= 1
         browser.save_screenshot(str(tmp_path / "run.png"))

@@ -51,6 +51,13 @@ def main(argv: list[str] | None = None) -> None:
     if not path.is_dir():
         raise SystemExit(f"model folder {path} not found; pass --model-path (setup.sh converts the default model)")
     backend = TransformersBackend(path, a.device, a.dtype, a.conv_template, max_batch_size=1)
+    try:
+        chat(backend, a)
+    finally:
+        backend.engine.close()
+
+
+def chat(backend: TransformersBackend, a: argparse.Namespace) -> None:
     messages = [{"role": "system", "content": a.system}] if a.system else []
     if a.message is not None:
         messages.append({"role": "user", "content": a.message})

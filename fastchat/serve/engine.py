@@ -135,6 +135,7 @@ class BatchingEngine:
         self._mask: torch.Tensor | None = None  # [B, L] 1 = real token, 0 = left padding
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
+        self._closed = False
         self.stats = {"prefills": 0, "decode_steps": 0, "decoded_tokens": 0, "max_batch": 0,
                       "prefix_tokens_reused": 0}
         self.prefix_cache_size = prefix_cache_size
@@ -179,6 +180,15 @@ class BatchingEngine:
 
     def cancel(self, seq: Sequence) -> None:
         seq.cancelled = True
+
+    def close(self) -> None:
+        """Stop the generation thread after its current step. A process that exits while that daemon thread is
+        inside torch can abort ("terminate called without an active exception")."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=60)
 
     def queue_length(self) -> int:
         return len(self._waiting) + sum(1 for s in self._running if s.finish_reason is None)
@@ -225,8 +235,10 @@ class BatchingEngine:
     def _loop(self) -> None:
         while True:
             with self._wake:
-                while not self._waiting and not self._running:
+                while not self._waiting and not self._running and not self._closed:
                     self._wake.wait()
+                if self._closed:
+                    return
                 newcomers = []
                 while self._waiting and len(self._running) + len(newcomers) < self.max_batch_size:
                     newcomers.append(self._waiting.popleft())
