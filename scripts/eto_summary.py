@@ -28,8 +28,8 @@ BOOTSTRAP_SEED = 0
 TEST_STAGE_LABELS = {"eval_base": "base", "eval_sft": "SFT"}
 COST_LABELS = {"wall_seconds": "wall s", "gpu_seconds": "GPU s", "model_calls": "model calls",
                "prompt_tokens": "prompt tokens", "completion_tokens": "generated tokens", "env_steps": "env steps",
-               "episode_seconds": "episode s (sum)", "train_tokens": "train tokens", "optimizer_steps": "optimizer steps",
-               "peak_rss_mib": "peak RSS MiB", "peak_cuda_mib": "peak GPU MiB"}
+               "episode_seconds": "episode s (sum)", "train_tokens": "train tokens",
+               "optimizer_steps": "optimizer steps", "peak_rss_mib": "peak RSS MiB", "peak_cuda_mib": "peak GPU MiB"}
 
 
 def _atomic_write(path: Path, text: str) -> None:

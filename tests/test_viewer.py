@@ -277,7 +277,8 @@ def test_viewer_in_chromium_run_stage_episode_pair(tiny_run, browser, tmp_path):
         for r in summary["results"]:
             row = browser.find_element(By.CSS_SELECTOR, f'#results tr[data-stage="{r["stage"]}"]')
             assert row.find_element(By.CLASS_NAME, "reward").text == num(r["average_reward"])
-            assert row.find_element(By.CLASS_NAME, "ci").text == f"[{num(r['reward_ci95'][0])}, {num(r['reward_ci95'][1])}]"
+            low, high = r["reward_ci95"]
+            assert row.find_element(By.CLASS_NAME, "ci").text == f"[{num(low)}, {num(high)}]"
         total = browser.find_element(By.CSS_SELECTOR, '#costs tr[data-stage="total"]')
         for field in ("wall_seconds", "model_calls", "prompt_tokens", "completion_tokens", "train_tokens"):
             assert total.find_element(By.CLASS_NAME, field).text == amount(summary["costs"]["total"][field])
@@ -333,7 +334,8 @@ def test_viewer_in_chromium_run_stage_episode_pair(tiny_run, browser, tmp_path):
         assert len(browser.find_elements(By.CSS_SELECTOR, "tr.divergent")) == 1
         cap = browser.find_element(By.ID, "cap").text
         assert f"of its {pair['rejected_rounds_total']} rounds kept" in cap
-        assert ("none: kept whole" if pair["rejected_cap_rounds"] is None else f"at most {pair['rejected_cap_rounds']}") in cap
+        limit = pair["rejected_cap_rounds"]
+        assert ("none: kept whole" if limit is None else f"at most {limit} rounds") in cap
         browser.save_screenshot(str(tmp_path / "pair.png"))
     for name in ("run", "stage", "episode", "pair"):
         assert (tmp_path / f"{name}.png").stat().st_size > 10_000
