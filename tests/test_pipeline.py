@@ -56,7 +56,8 @@ def test_whole_loop_on_tiny_model(task, tiny_model_dir, tmp_path):
              for s in ("base", "sft", "iter1")]
     assert evals[0] == evals[1] == evals[2]
     md = (run / "summary.md").read_text()
-    assert md.count("| eval") == 3 and "| SFT - base | 2 |" in md
+    assert all(f"| {stage} | test | 2 |" in md for stage in ("eval_base", "eval_sft", "eval_iter1"))
+    assert "| SFT - base | 2 |" in md
     assert (run / "summary.png").stat().st_size > 1000
 
     # pairs: every explored task whose reward differs from the expert's gives exactly one pair
