@@ -6,7 +6,7 @@
 #
 #   bash scripts/gpu_study.sh [save_path] [extra run_eto.sh flags]     # run folder <save_path>/gpu-study
 #
-# Settings: the `gpu-study` preset in scripts/eto_pipeline.py (64 concurrent episodes on one batching worker,
+# Settings: the `gpu-study` preset in scripts/eto_settings.py (64 concurrent episodes on one batching worker,
 # exploration of 256 train tasks spread over the task types, the original's global batch sizes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
