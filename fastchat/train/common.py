@@ -13,6 +13,7 @@ from transformers.trainer_utils import SaveStrategy
 
 from fastchat.constants import default_model_path
 from fastchat.conversation import save_template_name, template_for_model
+from fastchat.model.portable import make_portable
 
 logger = logging.getLogger("fastchat.train")
 
@@ -168,6 +169,7 @@ def save_trained(trainer: transformers.Trainer, tokenizer, template, model_args:
         trainer.save_model(str(out))
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(out)
+        make_portable(out)
         save_template_name(out, template)
         if model_args.lora and not merge:
             logger.info("saved the LoRA adapter to %s; merge it into a full model with:\n  python -m "

@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from fastchat.model.portable import make_portable
 
 
 def merge(base: str, adapter: str, output_dir: str) -> Path:
@@ -25,6 +26,7 @@ def merge(base: str, adapter: str, output_dir: str) -> Path:
     out = Path(output_dir)
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(adapter).save_pretrained(out)
+    make_portable(out)
     if (Path(adapter) / TEMPLATE_FILE).is_file():
         shutil.copy(Path(adapter) / TEMPLATE_FILE, out / TEMPLATE_FILE)
     return out

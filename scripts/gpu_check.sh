@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# GPU check, about 5 minutes on one GPU with nothing downloadable: the whole loop on the default model in bf16
+# (SFT and DPO steps, the HF worker on CUDA with batching behind a controller, evaluation and exploration through
+# eval_agent.main), then serving and training tokens/s. Exits non-zero on any failure.
+#
+#   bash scripts/gpu_check.sh [save_path]          # run folder <save_path>/gpu-check (default outputs)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SAVE=${1:-outputs}
+PYTHON=${PYTHON:-python3}
+"$PYTHON" - <<'PY'
+import sys, torch
+if not torch.cuda.is_available():
+    sys.exit("gpu_check.sh: no CUDA GPU visible")
+print(f"[gpu-check] {torch.cuda.get_device_name(0)}, torch {torch.__version__}, bf16 {torch.cuda.is_bf16_supported()}")
+PY
+[ -f data/alfworld_sft.json ] || { echo "gpu_check.sh: data/alfworld_sft.json missing: run setup.sh" >&2; exit 1; }
+bash run_eto.sh alfworld gpu-check "" "$SAVE" --restart --gpus "${GPU:-0}" --iterations 1 --eval_base 0 \
+    --sft_samples 64 --sft_epochs 1 --sft_batch_size 16 --sft_per_device_batch_size 8 --model_max_length 2048 \
+    --test_tasks 16 --train_tasks 16 --max_steps 10 --num_workers 16 --worker_batch_size 16 \
+    --dpo_batch_size 8 --dpo_per_device_batch_size 4 --dpo_epochs 1
+"$PYTHON" - "$SAVE/gpu-check" <<'PY'
+import json, sys
+from pathlib import Path
+run = Path(sys.argv[1])
+for stage in ("sft", "dpo_iter1"):
+    s = json.loads((run / "models" / stage / "train_summary.json").read_text())
+    rate = s["tokens_per_epoch"] * s["epochs"] / s["train_runtime_s"]
+    print(f"[gpu-check] {stage}: {rate:.0f} training tokens/s, peak CUDA {s.get('peak_cuda_mib', 0):.0f} MiB")
+for stage in ("eval_sft", "explore_iter1", "eval_iter1"):
+    rec = json.loads((run / "stages" / f"{stage}.json").read_text())
+    cost = rec.get("cost") or {}
+    tokens = cost.get("completion_tokens")
+    rate = f"{tokens / rec['seconds']:.0f} generated tokens/s" if tokens else "tokens not reported"
+    print(f"[gpu-check] {stage}: {rec['metrics']['num_tasks']} episodes in {rec['seconds']:.0f} s, {rate}, "
+          f"average reward {rec['metrics']['average_reward']:.3f}")
+PY
+echo "[gpu-check] OK"
