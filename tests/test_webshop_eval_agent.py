@@ -3,6 +3,7 @@ import json
 
 from eval_agent.config import load_task_config
 from eval_agent.prompt import build_messages
+from webshop.text_env import shared_shop
 
 CFG = load_task_config("webshop")
 
@@ -23,8 +24,10 @@ def test_env_plays_through_base_env():
     env = CFG.env_class()(task, max_steps=CFG.max_steps, **CFG.env_options)
     first = env.reset()
     assert first.startswith("Observation:\nWebShop [SEP] Instruction: [SEP] " + task.data["instruction"])
-    obs, reward, done, info = env.step("Thought: search.\nAction: search[women sweater]")
-    assert obs.startswith("Observation:\nInstruction: [SEP] ") and info["action"] == "search[women sweater]"
+    # search for the target's own title, so that it is on the first page of results
+    title = shared_shop().catalog[task.data["asin"]]["name"]
+    obs, reward, done, info = env.step(f"Thought: search.\nAction: search[{title}]")
+    assert obs.startswith("Observation:\nInstruction: [SEP] ") and info["action"] == f"search[{title}]"
     obs, reward, done, info = env.step("no action here")
     assert not info["valid_format"] and not done
     obs, reward, done, info = env.step(f"Action: click[{task.data['asin']}]")
