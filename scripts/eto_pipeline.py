@@ -29,20 +29,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 
 from eto_services import Services, StageFailed, stop_group  # noqa: E402
-from eto_summary import write_summary  # noqa: E402
-
 from eto_settings import SPEED_ONLY, accumulation_steps, parse_args as parse_settings  # noqa: E402
+from eto_summary import write_summary  # noqa: E402
+from fetch_data import sha256_of  # noqa: E402
 
 from eval_agent.config import TASK_PATH_ENV, load_task_config, task_folders  # noqa: E402
-
-def file_sha256(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def train_cost(out: Path) -> dict:
@@ -296,7 +287,7 @@ class Pipeline:
     def settings(self) -> dict:
         """What makes this run this run: every setting but the speed-only ones, and the expert data's hash."""
         data = Path(self.a.sft_data)
-        settings = {**vars(self.a), "sft_data_sha256": file_sha256(data) if data.exists() else None}
+        settings = {**vars(self.a), "sft_data_sha256": sha256_of(data) if data.exists() else None}
         return json.loads(json.dumps(settings, default=str))
 
     def record_settings(self) -> None:

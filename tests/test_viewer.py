@@ -5,13 +5,9 @@ costs add up, and drive the viewer (a real process on a loopback port) in a real
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from eval_agent.viewer import Run, create_app, main
+from conftest import free_port, http_process
 from test_pipeline import pipeline_cmd
 
 REPO = Path(__file__).resolve().parent.parent
-CHROMEDRIVER = "/usr/bin/chromedriver"
 SCRIPT = "<script>window.pwned=1</script>"
 PROMPT = [{"from": "human", "value": "Play the game."}, {"from": "gpt", "value": "OK"},
           {"from": "human", "value": "Your task is to open the door."}]
@@ -151,54 +147,12 @@ def test_a_folder_without_episodes_is_refused(tmp_path, capsys):
 
 # -- the real thing: the tiny-model loop, a viewer process, headless chromium -------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def viewer(folder: Path):
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "eval_agent.viewer", str(folder), "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(url + "/", timeout=2)
-                break
-            except OSError:
-                assert proc.poll() is None, "the viewer exited"
-                time.sleep(0.25)
-        else:
-            pytest.fail("the viewer did not answer within 30 s")
+    with http_process([sys.executable, "-m", "eval_agent.viewer", str(folder), "--port", str(port)],
+                      f"http://127.0.0.1:{port}", cwd=REPO) as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-
-
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory):
-    if not (shutil.which("chromium") and os.path.exists(CHROMEDRIVER)):
-        if os.geteuid() != 0:
-            pytest.fail("Debian chromium is missing: run `apt-get install -y chromium chromium-driver` as root")
-        subprocess.run(["apt-get", "install", "-y", "-qq", "chromium", "chromium-driver"], check=True, timeout=600,
-                       stdout=subprocess.DEVNULL, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = shutil.which("chromium")
-    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1400,1000",
-                f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(30)
-    yield driver
-    driver.quit()
 
 
 def follow(driver, css: str) -> None:

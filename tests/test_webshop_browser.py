@@ -1,75 +1,22 @@
 """A real headless Debian chromium plays the WebShop site; the done page shows the text env's reward."""
-import os
-import shutil
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 
 import pytest
 
+from conftest import free_port, http_process
+from eval_agent.paths import webshop_data_dir
 from webshop.oracle import load_query_map, oracle_plan
 from webshop.text_env import WebShopTextEnv, shared_shop
-from eval_agent.paths import webshop_data_dir
 
 pytestmark = pytest.mark.slow
-CHROMEDRIVER = "/usr/bin/chromedriver"
-
-
-def ensure_chromium():
-    if shutil.which("chromium") and os.path.exists(CHROMEDRIVER):
-        return
-    if os.geteuid() != 0:
-        pytest.fail("Debian chromium is missing: run `apt-get install -y chromium chromium-driver` as root")
-    subprocess.run(["apt-get", "install", "-y", "-qq", "chromium", "chromium-driver"], check=True, timeout=600,
-                   stdout=subprocess.DEVNULL, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def site():
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "webshop.app", "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(url + "/goal/0", timeout=2)
-                break
-            except OSError:
-                assert proc.poll() is None, "webshop.app exited"
-                time.sleep(0.25)
-        else:
-            pytest.fail("webshop.app did not answer within 30 s")
+    with http_process([sys.executable, "-m", "webshop.app", "--port", str(port)], f"http://127.0.0.1:{port}",
+                      probe="/goal/0") as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-
-
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory):
-    ensure_chromium()
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = shutil.which("chromium")
-    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--no-first-run",
-                f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(30)
-    yield driver
-    driver.quit()
 
 
 def wait_for_next_page(driver, old_page) -> None:
