@@ -18,10 +18,10 @@ PRESETS = {
                  model_max_length=1024, sft_batch_size=4, sft_per_device_batch_size=2, dpo_batch_size=4,
                  dpo_per_device_batch_size=2, num_workers=4, eval_base=1),
     # The learning-effect study (docs/results/README.md says why each number): <= 150 min on 2 cores.
-    "cpu-study": dict(eval_base=1, sft_samples=96, sft_epochs=1, sft_lr=1e-4, sft_batch_size=8,
-                      sft_per_device_batch_size=2, model_max_length=4096, test_tasks=24, train_tasks=24,
-                      iterations=1, max_steps=20, max_new_tokens=128, num_workers=8, dpo_lrs="2e-5",
-                      dpo_betas="0.1", dpo_epochs=1, dpo_batch_size=4, dpo_per_device_batch_size=2),
+    "cpu-study": dict(eval_base=1, sft_samples=64, sft_epochs=1, sft_lr=1e-4, sft_batch_size=8,
+                      sft_per_device_batch_size=1, model_max_length=2048, test_tasks=24, train_tasks=16,
+                      iterations=1, max_steps=20, max_new_tokens=128, num_workers=8, dpo_lrs="3e-5",
+                      dpo_betas="0.1", dpo_epochs=1, dpo_batch_size=4, dpo_per_device_batch_size=1),
     # The same study at scale on one GPU (scripts/gpu_study.sh): all expert data, the whole test split, the
     # original's SFT recipe; exploration of 256 train tasks and one DPO iteration to fit 10 minutes.
     "gpu-study": dict(eval_base=1, iterations=1, train_tasks=256, max_new_tokens=128, num_workers=64,
