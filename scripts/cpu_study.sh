@@ -6,7 +6,7 @@
 #   bash scripts/cpu_study.sh [save_path]        # default save_path: outputs (run folder outputs/cpu-study)
 #
 # 1. expert trajectories for 120 train tasks spread evenly over the 24 task types (gold-path replays);
-# 2. run_eto.sh sciworld cpu-study: eval_base, SFT on 96 of them, eval, explore 24 of their tasks, pairs
+# 2. run_eto.sh sciworld cpu-study: eval_base, SFT on 64 of them, eval, explore 16 of their tasks, pairs
 #    (the original's rule), DPO, eval; every evaluation on the same 24 test tasks (one per type).
 set -euo pipefail
 cd "$(dirname "$0")/.."
