@@ -21,7 +21,7 @@ import random
 import sys
 from pathlib import Path
 
-from eval_agent.runner import sum_costs
+from eval_agent.runner import read_result, sum_costs
 
 BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0
@@ -66,18 +66,14 @@ def stage_dir(run_dir: Path, stage: str) -> Path:
     return run_dir / kind / rest
 
 
-def per_task(folder: Path, num_tasks: int | None = None) -> dict[str, dict]:
-    """{task id: {"reward", "success"}} from an evaluation folder's per-task files."""
+def per_task(folder: Path) -> dict[str, dict]:
+    """{task id: {"reward", "success"}} from an evaluation folder's per-task files (unreadable ones left out)."""
     out = {}
     for path in sorted(folder.glob("*.json")):
-        if path.name.startswith("metrics"):
-            continue
-        try:
-            rec = json.loads(path.read_text())
+        rec = None if path.name.startswith("metrics") else read_result(path)
+        if rec is not None and "id" in rec:
             out[str(rec["id"])] = {"reward": float(rec["meta"].get("reward") or 0.0),
                                    "success": float(bool(rec["meta"].get("success")))}
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
     return out
 
 

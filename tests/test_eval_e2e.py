@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,17 +15,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from conftest import free_port
 from eval_agent.config import TASK_CONFIG_DIR
 
 pytestmark = pytest.mark.slow
 MODEL = "tiny"
 ENVS = [name for name in ("sciworld", "alfworld", "webshop") if (TASK_CONFIG_DIR / f"{name}.yaml").exists()]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Servers:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -11,18 +10,13 @@ import time
 import pytest
 import requests
 
+from conftest import free_port
 from fastchat.constants import ErrorCode
 
 from test_serve_engine import make_varied_model
 
 pytestmark = pytest.mark.slow
 MODEL = "tiny-chat"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until(check, timeout: float, what: str, proc: subprocess.Popen | None = None, log=None):
