@@ -1,0 +1,102 @@
+"""This machine's limits for a model, measured in the same run as the benchmark that reports against them.
+
+    python bench/roofline.py [--num-threads 2] [--model-path DIR]
+
+Two numbers bound everything we time:
+- memory read bandwidth (GB/s): one fp32 matrix-vector product over a weight-sized matrix, the shape of a decode
+  step at batch 1, where every weight is read once;
+- fp32 matmul throughput (GFLOP/s): products of the model's own shapes (hidden x intermediate) on a batch of rows.
+From them: decoding at batch b can reach at most b x bandwidth / weight bytes tokens/s (weights read once per
+step, KV-cache reads ignored), and training at most throughput / (6 x parameters) tokens/s (forward 2, backward 4
+FLOP per parameter per token; attention's own FLOP ignored).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+
+def _best_seconds(fn, repeats: int) -> float:
+    fn()  # warm up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def memory_bandwidth_gbs(weight_bytes: int = 540_000_000, repeats: int = 5) -> float:
+    cols = 4096
+    rows = max(1, weight_bytes // 4 // cols)
+    w = torch.randn(rows, cols)
+    x = torch.randn(cols)
+    return rows * cols * 4 / _best_seconds(lambda: torch.mv(w, x), repeats) / 1e9
+
+
+def matmul_gflops(hidden: int = 576, intermediate: int = 1536, tokens: int = 2048, repeats: int = 5) -> float:
+    a = torch.randn(tokens, hidden)
+    b = torch.randn(hidden, intermediate)
+    c = torch.randn(intermediate, hidden)
+
+    def work():
+        torch.mm(torch.mm(a, b), c)
+
+    return 2 * 2 * tokens * hidden * intermediate / _best_seconds(work, repeats) / 1e9
+
+
+def model_size(model_path: str | Path | None) -> dict:
+    """Parameter count and fp32 weight bytes (tied embeddings counted once), from the config alone."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    params = sum(p.numel() for p in model.parameters())  # parameters() yields a tied weight once
+    return {"params": params, "fp32_bytes": params * 4, "hidden": config.hidden_size,
+            "intermediate": getattr(config, "intermediate_size", 4 * config.hidden_size)}
+
+
+def measure(num_threads: int, model_path: str | Path | None = None) -> dict:
+    """The machine's limits and, with a model, the tokens/s they allow it."""
+    torch.set_num_threads(num_threads)
+    out = {"num_threads": num_threads}
+    size = model_size(model_path) if model_path else None
+    out["memory_gbs"] = round(memory_bandwidth_gbs(size["fp32_bytes"] if size else 540_000_000), 2)
+    out["matmul_gflops"] = round(matmul_gflops(*((size["hidden"], size["intermediate"]) if size else ())), 1)
+    if size:
+        out.update(params=size["params"], fp32_weight_bytes=size["fp32_bytes"])
+        out["decode_tokens_per_s_per_sequence"] = round(decode_limit(out, 1), 1)
+        out["train_tokens_per_s"] = round(train_limit(out), 1)
+    return out
+
+
+def decode_limit(limits: dict, batch: int) -> float:
+    """Upper bound on decoded tokens/s with `batch` sequences per step (weights read once per step)."""
+    return batch * limits["memory_gbs"] * 1e9 / limits["fp32_weight_bytes"]
+
+
+def train_limit(limits: dict) -> float:
+    """Upper bound on trained tokens/s (6 FLOP per parameter per token)."""
+    return limits["matmul_gflops"] * 1e9 / (6 * limits["params"])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--num-threads", type=int, default=2)
+    p.add_argument("--model-path", default=None, help="default: the embedded default model")
+    a = p.parse_args()
+    if a.model_path is None:
+        import sys
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        from fastchat.constants import default_model_path
+        a.model_path = default_model_path()
+    print(json.dumps(measure(a.num_threads, a.model_path), indent=2))
+
+
+if __name__ == "__main__":
+    main()
