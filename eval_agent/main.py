@@ -60,6 +60,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="JSON file with a list of task ids: play only these tasks of the split (before sampling)")
     p.add_argument("--max_steps", type=int, default=None, help="lower every episode's step limit (small runs)")
     p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top_p", type=float, default=None)
+    p.add_argument("--samples_per_task", type=int, default=1,
+                   help="play each task K times (sample k -> <id>__s<k>.json; use --temperature > 0); metrics add "
+                        "best-of-K reward and pass@K")
     p.add_argument("--max_new_tokens", type=int, default=None)
     p.add_argument("--icl_num", type=int, default=None, help="in-context examples (default: the task config's)")
     p.add_argument("--controller_address", default=None, help="FastChat controller URL (fastchat agent)")
@@ -78,6 +82,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--max_tasks must be >= 0")
     if args.sample_tasks is not None and args.sample_tasks < 1:
         p.error("--sample_tasks must be >= 1")
+    if args.samples_per_task < 1:
+        p.error("--samples_per_task must be >= 1")
     if args.icl_num is not None and args.icl_num < 0:
         p.error("--icl_num must be >= 0")
     if args.max_steps is not None and args.max_steps < 1:
@@ -115,7 +121,7 @@ def run(args: argparse.Namespace, agent: Agent | None = None, envs: EnvPool | No
     if agent is None:
         agent_path, agent_raw = load_agent_config(args.agent_config, args.agent_path)
         overrides: dict[str, Any] = {"model_name": args.model_name, "temperature": args.temperature,
-                                     "max_new_tokens": args.max_new_tokens}
+                                     "top_p": args.top_p, "max_new_tokens": args.max_new_tokens}
         if args.controller_address:
             overrides["controller_address"] = args.controller_address
         agent = make_agent(agent_path, agent_raw, **overrides)
@@ -131,51 +137,57 @@ def run(args: argparse.Namespace, agent: Agent | None = None, envs: EnvPool | No
         tasks = spread_subset(tasks, args.sample_tasks, args.sample_seed)
     if args.max_tasks is not None:
         tasks = tasks[: args.max_tasks]
-    names = [task_filename(t.id) for t in tasks]
+    k_samples = args.samples_per_task
+    names = [task_filename(t.id, k, k_samples) for t in tasks for k in range(k_samples)]
     if len(set(names)) != len(names):
         raise ConfigError(f"{cfg.path}: task ids map to clashing file names; ids must stay distinct after "
                           "replacing characters other than letters, digits, '.', '-' and '_'")
     out_dir = Path(args.output_path) if args.output_path else default_output_path(
         agent.model_name, cfg.name, args.exp_name, args.split)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if k_samples > 1 and not agent.temperature:
+        log.warning("--samples_per_task %d with temperature 0: greedy samples of a task are alike", k_samples)
 
-    records: dict[str, dict[str, Any] | None] = {t.id: None for t in tasks}
+    episodes = [(task, k) for task in tasks for k in range(k_samples)]
+    records: dict[tuple[str, int], dict[str, Any] | None] = {(t.id, k): None for t, k in episodes}
     todo = []
-    for task, name in zip(tasks, names):
+    for (task, k), name in zip(episodes, names):
         existing = None if args.override else read_result(out_dir / name)
         if is_complete(existing):
-            records[task.id] = existing
+            records[task.id, k] = existing
         else:
-            todo.append((task, name))
-    log.info("%s/%s: %d tasks in shard %d/%d, %d already done, %d to run -> %s", cfg.name, args.split, len(tasks),
-             args.part_idx, args.part_num, len(tasks) - len(todo), len(todo), out_dir)
+            todo.append((task, k, name))
+    log.info("%s/%s: %d tasks%s in shard %d/%d, %d already done, %d to run -> %s", cfg.name, args.split, len(tasks),
+             f" x {k_samples} samples" if k_samples > 1 else "", args.part_idx, args.part_num,
+             len(episodes) - len(todo), len(todo), out_dir)
 
     instruction, icl_messages = cfg.instruction_text(), cfg.icl_messages()
     run_meta = {"split": args.split, "task_config": cfg.name, "model_name": agent.model_name, "icl_num": icl_num,
                 "agent_class": agent_class, "temperature": agent.temperature,
-                "max_new_tokens": agent.max_new_tokens, "max_steps_cap": args.max_steps,
+                "top_p": agent.top_p, "max_new_tokens": agent.max_new_tokens, "max_steps_cap": args.max_steps,
+                "samples_per_task": k_samples,
                 "sample_tasks": args.sample_tasks, "sample_seed": args.sample_seed}
 
     own_envs = envs is None
     envs = envs or EnvPool(cfg)
 
-    def play(task, name):
+    def play(task, k, name):
         record = run_episode(cfg, task, agent, icl_num, instruction, icl_messages, envs=envs,
                              max_steps=args.max_steps, verbose=args.verbose, raise_errors=args.debug)
-        record["meta"].update(run_meta)
+        record["meta"].update(run_meta, sample=k)
         if _json_safe(task.data):
             record["meta"]["task"] = task.data
         write_json_atomic(out_dir / name, record)
-        return record
+        return k, record
 
     with logging_redirect_tqdm(), ThreadPoolExecutor(max_workers=args.num_workers) as pool, \
             tqdm(total=len(todo), desc=f"{cfg.name}/{args.split}", unit="ep", dynamic_ncols=True) as bar:
-        futures = {pool.submit(play, task, name): task for task, name in todo}
+        futures = [pool.submit(play, task, k, name) for task, k, name in todo]
         reward_sum, num_played = 0.0, 0
         try:
             for future in as_completed(futures):
-                record = future.result()
-                records[record["id"]] = record
+                k, record = future.result()
+                records[record["id"], k] = record
                 meta = record["meta"]
                 if is_infrastructure_failure(meta["terminate_reason"]):
                     log.warning("task %s failed: %s", record["id"], meta["terminate_reason"])
@@ -192,11 +204,13 @@ def run(args: argparse.Namespace, agent: Agent | None = None, envs: EnvPool | No
             if own_agent:
                 agent.close()
 
-    metrics = compute_metrics(list(records.values()), len(tasks))
+    metrics = compute_metrics(list(records.values()), len(tasks), k_samples)
     metrics.update(run_meta, part_num=args.part_num, part_idx=args.part_idx, output_path=str(out_dir))
     write_json_atomic(out_dir / metrics_filename(args.part_num, args.part_idx), metrics)
     print(f"{cfg.name}/{args.split} ({metrics['num_tasks']} tasks): average reward {metrics['average_reward']:.4f}, "
-          f"success rate {metrics['success_rate']:.4f}, infrastructure failures "
+          f"success rate {metrics['success_rate']:.4f}, "
+          + (f"best-of-{k_samples} reward {metrics['best_of_k_reward']:.4f}, pass@{k_samples} "
+             f"{metrics['pass_at_k']:.4f}, " if k_samples > 1 else "") + "infrastructure failures "
           f"{metrics['num_infrastructure_failures']} -> {out_dir}")
     if metrics["num_infrastructure_failures"] or metrics["num_missing"]:
         print(f"some episodes failed ({metrics['infrastructure_failures']}); rerun the same command to complete "

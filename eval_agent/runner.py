@@ -98,12 +98,13 @@ class EnvPool:
 
 def run_episode(cfg: TaskConfig, task: Task, agent: Agent, icl_num: int, instruction: str,
                 icl_messages: list[dict[str, str]], envs: EnvPool | None = None, max_steps: int | None = None,
-                verbose: bool = False, raise_errors: bool = False) -> dict[str, Any]:
+                verbose: bool = False, raise_errors: bool = False, replay: list[str] = ()) -> dict[str, Any]:
     """Play one task; return {"id", "meta", "conversations"}.
 
-    `max_steps` lowers the env's step limit (for small runs). Model and env failures end the
-    episode with a terminate reason; with `raise_errors` (--debug) an unexpected exception
-    propagates instead, traceback and all.
+    `max_steps` lowers the env's step limit (for small runs). `replay`: answers given in the agent's place for
+    the first steps (a trajectory's prefix, replayed through the real env), after which the agent goes on.
+    Model and env failures end the episode with a terminate reason; with `raise_errors` (--debug) an
+    unexpected exception propagates instead, traceback and all.
     """
     pool = envs or EnvPool(cfg)
     env = None
@@ -121,20 +122,10 @@ def run_episode(cfg: TaskConfig, task: Task, agent: Agent, icl_num: int, instruc
         turns = record_turns(instruction, first_observation)
         messages = build_messages(instruction, icl_messages, first_observation, icl_num)
         _show(verbose, task, "task", first_observation)
+        replay = list(replay)
         while not env.state.finished:
-            try:
-                answer = _ask(agent, messages, calls)
-            except ContextOverflowError:
-                env.terminate("context_overflow")
-                break
-            except ModelError as e:
-                env.terminate(f"model_error: {e}")
-                break
-            except Exception as e:  # a bug in an agent class: still one failed episode, not a dead run
-                if raise_errors:
-                    raise
-                log.exception("task %s: the agent failed", task.id)
-                env.terminate(f"model_error: {type(e).__name__}: {e}")
+            answer = replay.pop(0) if replay else _answer(agent, messages, calls, env, task, raise_errors)
+            if answer is None:
                 break
             _show(verbose, task, "model", answer)
             messages.append({"role": "assistant", "content": answer})
@@ -170,6 +161,23 @@ def run_episode(cfg: TaskConfig, task: Task, agent: Agent, icl_num: int, instruc
     return {"id": task.id, "meta": meta, "conversations": turns}
 
 
+def _answer(agent: Agent, messages: list[dict[str, str]], calls: list, env, task: Task,
+            raise_errors: bool) -> str | None:
+    """The agent's next answer, or None after ending the episode on a model failure."""
+    try:
+        return _ask(agent, messages, calls)
+    except ContextOverflowError:
+        env.terminate("context_overflow")
+    except ModelError as e:
+        env.terminate(f"model_error: {e}")
+    except Exception as e:  # a bug in an agent class: still one failed episode, not a dead run
+        if raise_errors:
+            raise
+        log.exception("task %s: the agent failed", task.id)
+        env.terminate(f"model_error: {type(e).__name__}: {e}")
+    return None
+
+
 def _ask(agent: Agent, messages: list[dict[str, str]], calls: list) -> str:
     """One model call; what the agent reported it cost goes to `calls`, even when the call fails."""
     try:
@@ -203,8 +211,10 @@ def _show(verbose: bool, task: Task, who: str, text: str) -> None:
 
 # -- output files ----------------------------------------------------------------------------
 
-def task_filename(task_id: str) -> str:
-    return re.sub(r"[^\w.\-]+", "_", str(task_id)) + ".json"
+def task_filename(task_id: str, sample: int = 0, samples_per_task: int = 1) -> str:
+    """<id>.json, or <id>__s<k>.json for sample k when each task is played several times."""
+    stem = re.sub(r"[^\w.\-]+", "_", str(task_id))
+    return f"{stem}__s{sample}.json" if samples_per_task > 1 else f"{stem}.json"
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -246,8 +256,11 @@ def is_complete(record: dict[str, Any] | None) -> bool:
 
 # -- metrics ------------------------------------------------------------------------------------
 
-def compute_metrics(records: list[dict[str, Any] | None], num_tasks: int) -> dict[str, Any]:
-    """Average reward = sum of rewards / tasks in the shard (a missing record counts as 0), success rate likewise."""
+def compute_metrics(records: list[dict[str, Any] | None], num_tasks: int,
+                    samples_per_task: int = 1) -> dict[str, Any]:
+    """Average reward = sum of rewards / (tasks x samples) in the shard (a missing record counts as 0), success
+    rate likewise. Over the K samples of each task: best-of-K reward (the best sample's, as an oracle picks it,
+    averaged over tasks) and pass@K (tasks with at least one success)."""
     metas = [r["meta"] for r in records if r is not None]
     reasons = Counter(str(m.get("terminate_reason")) for m in metas)
     kinds = Counter(reason_kind(r) for r in reasons.elements())
@@ -257,15 +270,27 @@ def compute_metrics(records: list[dict[str, Any] | None], num_tasks: int) -> dic
         reason = str(m.get("terminate_reason"))
         if is_infrastructure_failure(reason):
             examples.setdefault(reason_kind(reason), reason[:500])
+    episodes = num_tasks * samples_per_task
     total_reward = sum(float(m.get("reward") or 0.0) for m in metas)
     successes = sum(bool(m.get("success")) for m in metas)
+    best: dict[str, float] = {}
+    passed: set[str] = set()
+    for i, r in enumerate(records):
+        if r is not None:
+            key = str(r.get("id", i))  # a record without an id stands for its own task
+            best[key] = max(best.get(key, 0.0), float(r["meta"].get("reward") or 0.0))
+            if r["meta"].get("success"):
+                passed.add(key)
     return {
         "num_tasks": num_tasks,
+        "samples_per_task": samples_per_task,
         "num_recorded": len(metas),
-        "num_missing": num_tasks - len(metas),
-        "average_reward": total_reward / num_tasks if num_tasks else 0.0,
-        "success_rate": successes / num_tasks if num_tasks else 0.0,
+        "num_missing": episodes - len(metas),
+        "average_reward": total_reward / episodes if episodes else 0.0,
+        "success_rate": successes / episodes if episodes else 0.0,
         "num_success": successes,
+        "best_of_k_reward": sum(best.values()) / num_tasks if num_tasks else 0.0,
+        "pass_at_k": len(passed) / num_tasks if num_tasks else 0.0,
         "average_steps": sum(int(m.get("steps") or 0) for m in metas) / len(metas) if metas else 0.0,
         "num_infrastructure_failures": sum(infra.values()),
         "terminate_reasons": dict(sorted(kinds.items())),

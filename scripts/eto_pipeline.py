@@ -17,7 +17,6 @@ import argparse
 import importlib.util
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -29,6 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 
 from eto_services import Services, StageFailed, stop_group  # noqa: E402
+from eto_methods import run_method  # noqa: E402
 from eto_settings import SPEED_ONLY, accumulation_steps, parse_args as parse_settings  # noqa: E402
 from eto_summary import write_summary  # noqa: E402
 from fetch_data import sha256_of  # noqa: E402
@@ -115,6 +115,10 @@ class Pipeline:
             return ["torchrun", f"--nproc_per_node={ngpu}", "-m", module]
         return [sys.executable, "-m", module]
 
+    def vllm_options(self) -> dict:
+        return {"tensor_parallel_size": self.a.tensor_parallel_size, "max_model_len": self.a.max_model_len,
+                "gpu_memory_utilization": self.a.gpu_memory_utilization}
+
     def gpu_list(self) -> list[str]:
         return [g.strip() for g in self.a.gpus.split(",") if g.strip()]
 
@@ -145,7 +149,8 @@ class Pipeline:
         if not (model / "config.json").is_file():
             problems.append(f"model folder {model}: no config.json (models are never downloaded here)")
         data = Path(self.a.sft_data)
-        if not data.exists() and (self.cfg.expert_data is None or data != self.cfg.expert_data_path()):
+        if self.a.sft_data and not data.exists() and (self.cfg.expert_data is None
+                                                      or data != self.cfg.expert_data_path()):
             problems.append(f"expert data {data} not found (and no expert_data.build of {self.cfg.path} writes it)")
         problems += self.cfg.env_class().requirements()
         if self.a.serving == "vllm" and importlib.util.find_spec("vllm") is None:
@@ -172,7 +177,7 @@ class Pipeline:
         """Build the task's expert file with its config's expert_data.build when it is missing
         (ScienceWorld's replays take minutes)."""
         data = Path(self.a.sft_data)
-        if data.exists():
+        if not self.a.sft_data or data.exists():  # self-play has none
             return
         if self.cfg.expert_data is None or data != self.cfg.expert_data_path():
             raise StageFailed("expert_data", data, 1, f"expert data {data} not found")
@@ -191,58 +196,64 @@ class Pipeline:
         return spread_subset(records, self.a.sft_samples, self.a.subset_seed,
                              kind=lambda rec: types.get(str(rec.get("id")), "other"))
 
-    def sft(self) -> Path:
-        out = self.run_dir / "models" / "sft"
-        if (rec := self.done("sft")):
-            print(f"[eto] sft: done already ({rec['seconds']} s), skipping")
+    def expert_records(self) -> list[dict]:
+        """The expert trajectories SFT trains on: all, or --sft_samples of them spread over the task types."""
+        records = json.loads(Path(self.a.sft_data).read_text())
+        return self.expert_subset(records) if self.a.sft_samples else records
+
+    def sft(self, stage: str = "sft", data: Path | None = None) -> Path:
+        """SFT of the base model on `data` (default: the expert trajectories)."""
+        out = self.run_dir / "models" / stage
+        if (rec := self.done(stage)):
+            print(f"[eto] {stage}: done already ({rec['seconds']} s), skipping")
             return out
         started = time.time()
-        data = Path(self.a.sft_data)
-        if not data.exists():
-            raise StageFailed("sft", data, 1, f"expert data {data} not found")
-        if self.a.sft_samples:
-            subset = self.run_dir / "data" / "sft_subset.json"
-            subset.parent.mkdir(parents=True, exist_ok=True)
-            records = self.expert_subset(json.loads(data.read_text()))
-            subset.write_text(json.dumps(records))
-            data = subset
+        if data is None:
+            data = Path(self.a.sft_data)
+            if not data.exists():
+                raise StageFailed(stage, data, 1, f"expert data {data} not found")
+            if self.a.sft_samples:
+                data = self.write_data("sft_subset.json", self.expert_records())
         cmd = self.train_cmd("fastchat.train.train") + [
             "--model_name_or_path", self.a.model_path, "--data_path", str(data), "--output_dir", str(out),
             "--num_train_epochs", str(self.a.sft_epochs), "--learning_rate", str(self.a.sft_lr),
             *self.batch_flags(self.a.sft_batch_size, self.a.sft_per_device_batch_size), "--warmup_ratio", "0.03",
             "--lr_scheduler_type", "cosine", *self.common_train_flags()]
-        self.run("sft", cmd)
-        self.finish("sft", started, [out / "config.json"], cost=train_cost(out),
+        self.run(stage, cmd)
+        self.finish(stage, started, [out / "config.json"], cost=train_cost(out),
                     samples=len(json.loads(data.read_text())))
         return out
 
-    def expert_ids(self) -> Path:
-        """The ids of the expert trajectories: exploration plays only tasks that can form a pair."""
-        path = self.run_dir / "data" / "expert_ids.json"
+    def write_data(self, name: str, records: list) -> Path:
+        path = self.run_dir / "data" / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        ids = [str(rec.get("id")) for rec in json.loads(Path(self.a.sft_data).read_text())]
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(ids))
+        tmp.write_text(json.dumps(records))
         os.replace(tmp, path)
         return path
 
+    def expert_ids(self) -> Path:
+        """The ids of the expert trajectories: exploration plays only tasks that can form a pair."""
+        return self.write_data("expert_ids.json", [str(rec.get("id")) for rec in
+                                                   json.loads(Path(self.a.sft_data).read_text())])
+
     def episodes(self, stage: str, model: Path, split: str, out: Path, temperature: float,
-                 n_tasks: int, workers: int) -> dict:
+                 n_tasks: int, workers: int, samples: int = 1) -> dict:
         if (rec := self.done(stage)):
             print(f"[eto] {stage}: done already ({rec['seconds']} s), skipping")
             return rec["metrics"]
         started = time.time()
         name = f"{self.a.exp_name}-{stage}"
-        vllm = {"tensor_parallel_size": self.a.tensor_parallel_size, "max_model_len": self.a.max_model_len,
-                "gpu_memory_utilization": self.a.gpu_memory_utilization}
         with self.services.serving(model, name, n_workers=workers, stage=stage, batch_size=self.a.worker_batch_size,
-                                   gpus=self.gpu_list(), backend=self.a.serving, vllm=vllm) as controller:
+                                   gpus=self.gpu_list(), backend=self.a.serving, vllm=self.vllm_options()) as controller:
             cmd = [sys.executable, "-m", "eval_agent.main", "--agent_config", "fastchat",
                    "--controller_address", controller, "--model_name", name, "--exp_config", self.a.task,
                    "--split", split, "--output_path", str(out), "--num_workers", str(self.a.num_workers),
                    "--temperature", str(temperature)]
-            if split == "train":
+            if split == "train" and self.a.sft_data:
                 cmd += ["--task_ids", str(self.expert_ids())]
+            if samples > 1:
+                cmd += ["--samples_per_task", str(samples), "--top_p", str(self.a.top_p)]
             if n_tasks:
                 cmd += ["--sample_tasks", str(n_tasks), "--sample_seed", str(self.a.subset_seed)]
             if self.a.max_steps:
@@ -254,20 +265,67 @@ class Pipeline:
         self.finish(stage, started, [out / "metrics.json"], cost=metrics["cost"], metrics=metrics)
         return metrics
 
-    def pairs(self, stage: str, explore_dir: Path, out: Path) -> dict:
+    def pairs(self, stage: str, explore_dir: Path, out: Path, rule: str = "expert", model: Path | None = None) -> dict:
+        """Pairs by `rule` (construct_preference.py); the step rule's rollouts are served from `model`."""
         if (rec := self.done(stage)):
             return rec["counts"]
         started = time.time()
-        self.run(stage, [sys.executable, str(REPO / "scripts" / "construct_preference.py"),
-                         "--explore_dir", str(explore_dir), "--expert_path", self.a.sft_data,
-                         "--output_path", str(out), "--task", self.a.task])
-        counts = {"pairs": len(json.loads(out.read_text()))}
-        found = re.findall(r"win (\d+) / tie (\d+) / lose (\d+)", (self.logs / f"{stage}.log").read_text())
-        if found:
-            counts.update(zip(("agent_wins", "ties", "agent_loses"), map(int, found[-1])))
-        return self.finish(stage, started, [out], counts=counts)["counts"]
+        cmd = [sys.executable, str(REPO / "scripts" / "construct_preference.py"), "--rule", rule,
+               "--explore_dir", str(explore_dir), "--output_path", str(out), "--task", self.a.task]
+        if self.a.sft_data:
+            cmd += ["--expert_path", self.a.sft_data]
+        if rule == "self":
+            cmd += ["--min_reward_gap", str(self.a.min_reward_gap)]
+        if rule != "step":
+            self.run(stage, cmd)
+        else:
+            name = f"{self.a.exp_name}-{stage}"
+            cmd += ["--model_name", name, "--rollouts", str(self.a.step_rollouts), "--margin",
+                    str(self.a.step_margin), "--max_prefixes", str(self.a.step_max_prefixes), "--rollout_temperature",
+                    str(self.a.temperature), "--num_workers", str(self.a.num_workers)]
+            cmd += ["--max_steps", str(self.a.max_steps)] if self.a.max_steps else []
+            cmd += ["--max_new_tokens", str(self.a.max_new_tokens)] if self.a.max_new_tokens else []
+            with self.services.serving(model, name, n_workers=self.a.explore_workers, stage=stage,
+                                       batch_size=self.a.worker_batch_size, gpus=self.gpu_list(),
+                                       backend=self.a.serving, vllm=self.vllm_options()) as controller:
+                self.run(stage, cmd + ["--controller_address", controller])
+        counts = json.loads(out.with_name(out.stem + ".stats.json").read_text())
+        cost = counts.get("cost", {})
+        return self.finish(stage, started, [out], cost={f: cost.get(f) for f in
+                                                       ("env_steps", "prompt_tokens", "completion_tokens")},
+                           counts=counts)["counts"]
 
-    def dpo(self, stage: str, model: Path, pairs: Path, it: int) -> Path:
+    def kept_trajectories(self, stage: str, explore_dir: Path, with_expert: bool) -> Path:
+        """RFT data: the explored trajectories with reward >= --rft_threshold (each distinct one once), after
+        the expert trajectories when `with_expert`."""
+        out = self.run_dir / "data" / f"{stage}.json"
+        if (rec := self.done(stage)):
+            return out
+        started = time.time()
+        from eval_agent.runner import is_complete, read_result
+
+        kept, seen, played = [], set(), 0
+        for path in sorted(explore_dir.glob("*.json")):
+            rec = None if path.name.startswith("metrics") else read_result(path)
+            if not is_complete(rec):
+                continue
+            played += 1
+            key = json.dumps(rec["conversations"])
+            if float(rec["meta"].get("reward") or 0.0) >= self.a.rft_threshold and key not in seen:
+                seen.add(key)
+                kept.append({"id": rec["id"], "conversations": rec["conversations"], "reward": rec["meta"]["reward"]})
+        if not kept and not with_expert:
+            raise StageFailed(stage, explore_dir, 1, f"no explored trajectory reached reward {self.a.rft_threshold}: "
+                                                     "nothing to fine-tune on (more --samples_per_task or "
+                                                     "--train_tasks, or a lower --rft_threshold)")
+        records = (self.expert_records() if with_expert else []) + kept
+        self.write_data(out.name, records)
+        counts = {"episodes": played, "kept": len(kept), "expert": len(records) - len(kept)}
+        print(f"[eto] {stage}: kept {len(kept)} of {played} explored trajectories")
+        self.finish(stage, started, [out], counts=counts)
+        return out
+
+    def dpo(self, stage: str, model: Path, pairs: Path, it: int, extra: tuple[str, ...] = ()) -> Path:
         out = self.run_dir / "models" / f"dpo_iter{it}"
         if self.done(stage):
             return out
@@ -279,7 +337,7 @@ class Pipeline:
             "--beta", str(beta), "--learning_rate", str(lr), "--num_train_epochs", str(self.a.dpo_epochs),
             *self.batch_flags(self.a.dpo_batch_size, self.a.dpo_per_device_batch_size),
             "--lr_scheduler_type", "constant_with_warmup", "--warmup_ratio", str(self.a.dpo_warmup_ratio),
-            "--precompute_ref_logps", *self.common_train_flags()]
+            "--precompute_ref_logps", *extra, *self.common_train_flags()]
         self.run(stage, cmd)
         self.finish(stage, started, [out / "config.json"], cost=train_cost(out), lr=lr, beta=beta)
         return out
@@ -287,7 +345,7 @@ class Pipeline:
     def settings(self) -> dict:
         """What makes this run this run: every setting but the speed-only ones, and the expert data's hash."""
         data = Path(self.a.sft_data)
-        settings = {**vars(self.a), "sft_data_sha256": sha256_of(data) if data.exists() else None}
+        settings = {**vars(self.a), "sft_data_sha256": sha256_of(data) if self.a.sft_data and data.exists() else None}
         return json.loads(json.dumps(settings, default=str))
 
     def record_settings(self) -> None:
@@ -315,25 +373,7 @@ class Pipeline:
         self.preflight()
         self.expert_data()
         self.record_settings()  # with the hash of expert data built just now
-        if a.eval_base:
-            self.episodes("eval_base", Path(a.model_path), "test", self.run_dir / "eval" / "base", 0.0,
-                          a.test_tasks, a.eval_workers)
-        model = self.sft()
-        self.episodes("eval_sft", model, "test", self.run_dir / "eval" / "sft", 0.0, a.test_tasks, a.eval_workers)
-        for it in range(1, a.iterations + 1):
-            explore = self.run_dir / "explore" / f"iter{it}"
-            self.episodes(f"explore_iter{it}", model, "train", explore, a.explore_temperature,
-                          a.train_tasks, a.explore_workers)
-            pairs = self.run_dir / "pairs" / f"iter{it}.json"
-            pairs.parent.mkdir(parents=True, exist_ok=True)
-            counts = self.pairs(f"pairs_iter{it}", explore, pairs)
-            if counts["pairs"] == 0:
-                print(f"[eto] iteration {it}: no failure/success pairs (the agent matched the expert "
-                      f"everywhere); stopping the loop here")
-                break
-            model = self.dpo(f"dpo_iter{it}", model, pairs, it)
-            self.episodes(f"eval_iter{it}", model, "test", self.run_dir / "eval" / f"iter{it}", 0.0,
-                          a.test_tasks, a.eval_workers)
+        run_method(self)
         summary = write_summary(self.run_dir)
         print(summary["markdown"])
         print(f"[eto] summary: {self.run_dir / 'summary.json'}, {self.run_dir / 'summary.md'}, "

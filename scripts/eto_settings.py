@@ -30,6 +30,8 @@ PRESETS = {
 }
 
 
+METHODS = ("eto", "ipr", "rft", "bon")
+
 # Settings a rerun may change: they change speed, not results. Any other difference is another run.
 SPEED_ONLY = ("num_workers", "explore_workers", "eval_workers", "worker_batch_size", "gpu_memory_utilization",
               "save_path", "restart", "save_steps", "keep_checkpoints")
@@ -63,6 +65,23 @@ def parse_args(argv=None, description: str | None = None) -> argparse.Namespace:
         return (flag.lstrip("-").replace("-", "_"), env, default, cast)
 
     knobs = [
+        knob("--method", "METHOD", "eto", str, "eto (SFT, then explore -> pairs -> DPO), ipr (ETO plus step-level "
+             "pairs), rft (rejection-sampling fine-tuning), bon (best-of-K sampling of the SFT agent); README: "
+             "'Methods'"),
+        knob("--self_play", "SELF_PLAY", 0, int, "eto without expert data: RFT on the base model's own successes, "
+             "then DPO on pairs of the agent's own samples (rule self)"),
+        knob("--samples_per_task", "SAMPLES_PER_TASK", 0, int, "K samples per task in exploration (and in the bon "
+             "evaluation) (0 = the method's default: eto/ipr 1, bon/rft/self-play 4)"),
+        knob("--temperature", "TEMPERATURE", 0.7, float, "sampling temperature when K > 1"),
+        knob("--top_p", "TOP_P", 1.0, float, "nucleus sampling when K > 1"),
+        knob("--rft_threshold", "RFT_THRESHOLD", 1.0, float, "rft/self-play keep explored trajectories with "
+             "reward >= this"),
+        knob("--min_reward_gap", "MIN_REWARD_GAP", 0.0, float, "self pairs: best - worst reward must exceed this"),
+        knob("--step_rollouts", "STEP_ROLLOUTS", 3, int, "ipr: Monte-Carlo rollouts per step value"),
+        knob("--step_margin", "STEP_MARGIN", 0.0, float, "ipr: step pair when value(expert) - value(agent) > this"),
+        knob("--step_max_prefixes", "STEP_MAX_PREFIXES", 4, int, "ipr: expert steps tried per task"),
+        knob("--step_weight", "STEP_WEIGHT", 1.0, float, "ipr: weight of the step-level DPO loss"),
+        knob("--sft_weight", "SFT_WEIGHT", 1.0, float, "ipr: weight of the SFT loss on expert trajectories"),
         knob("--iterations", "ITERATIONS", 3, int, "exploration/DPO iterations"),
         knob("--num_workers", "NUM_WORKERS", 8, int, "concurrent episodes per evaluation/exploration"),
         knob("--explore_workers", "EXPLORE_WORKERS", 0, int, "model worker processes serving exploration "
@@ -123,6 +142,13 @@ def parse_args(argv=None, description: str | None = None) -> argparse.Namespace:
                  "tensor_parallel_size"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag} must be >= 1")
+    if args.method not in METHODS:
+        p.error(f"--method must be one of {', '.join(METHODS)}, got {args.method!r}")
+    if args.self_play and args.method != "eto":
+        p.error("--self_play 1 goes with --method eto")
+    if args.samples_per_task < 0:
+        p.error("--samples_per_task must be >= 0")
+    args.samples_per_task = args.samples_per_task or (4 if args.method in ("bon", "rft") or args.self_play else 1)
     if args.serving not in ("hf", "vllm"):
         p.error(f"--serving must be hf or vllm, got {args.serving!r}")
     gpus = [g.strip() for g in args.gpus.split(",") if g.strip()]
@@ -136,7 +162,7 @@ def parse_args(argv=None, description: str | None = None) -> argparse.Namespace:
     if not args.model_path:
         from fastchat.constants import default_model_path
         args.model_path = str(default_model_path())
-    if not args.sft_data:
+    if not args.sft_data and not args.self_play:
         if cfg.expert_data is None:
             p.error(f"{cfg.path}: no field 'expert_data' (path and build); give --sft_data")
         args.sft_data = str(cfg.expert_data_path())

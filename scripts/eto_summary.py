@@ -26,6 +26,7 @@ from eval_agent.runner import read_result, sum_costs
 BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0
 TEST_STAGE_LABELS = {"eval_base": "base", "eval_sft": "SFT"}
+BEST_OF_K_STAGE = "eval_bon"  # the SFT agent sampled K times per test task (--method bon)
 COST_LABELS = {"wall_seconds": "wall s", "gpu_seconds": "GPU s", "model_calls": "model calls",
                "prompt_tokens": "prompt tokens", "completion_tokens": "generated tokens", "env_steps": "env steps",
                "episode_seconds": "episode s (sum)", "train_tokens": "train tokens",
@@ -67,13 +68,20 @@ def stage_dir(run_dir: Path, stage: str) -> Path:
 
 
 def per_task(folder: Path) -> dict[str, dict]:
-    """{task id: {"reward", "success"}} from an evaluation folder's per-task files (unreadable ones left out)."""
-    out = {}
+    """{task id: {"reward", "success", "best_reward", "any_success"}} from an evaluation folder's per-task files
+    (unreadable ones left out); a task played K times gets its samples' mean reward and success, the best
+    sample's reward and whether any sample succeeded."""
+    samples: dict[str, list[dict]] = {}
     for path in sorted(folder.glob("*.json")):
         rec = None if path.name.startswith("metrics") else read_result(path)
         if rec is not None and "id" in rec:
-            out[str(rec["id"])] = {"reward": float(rec["meta"].get("reward") or 0.0),
-                                   "success": float(bool(rec["meta"].get("success")))}
+            samples.setdefault(str(rec["id"]), []).append(rec["meta"])
+    out = {}
+    for task, metas in samples.items():
+        rewards = [float(m.get("reward") or 0.0) for m in metas]
+        successes = [float(bool(m.get("success"))) for m in metas]
+        out[task] = {"reward": sum(rewards) / len(rewards), "success": sum(successes) / len(successes),
+                     "best_reward": max(rewards), "any_success": max(successes)}
     return out
 
 
@@ -104,33 +112,44 @@ def collect(run_dir: Path) -> dict:
         rewards = [r["reward"] for r in results.values()] + [0.0] * max(0, n - len(results))
         successes = [r["success"] for r in results.values()] + [0.0] * max(0, n - len(results))
         split = "train" if name.startswith("explore") else "test"
-        rows.append({"stage": name, "split": split, "tasks": n, "average_reward": m.get("average_reward"),
-                     "reward_ci95": list(bootstrap_interval(rewards)), "success_rate": m.get("success_rate"),
-                     "success_ci95": list(bootstrap_interval(successes)), "seconds": rec.get("seconds")})
-        if split == "test":
-            tasks_by_stage[name] = {t: r["reward"] for t, r in results.items()}
+        row = {"stage": name, "split": split, "tasks": n, "average_reward": m.get("average_reward"),
+               "reward_ci95": list(bootstrap_interval(rewards)), "success_rate": m.get("success_rate"),
+               "success_ci95": list(bootstrap_interval(successes)), "seconds": rec.get("seconds")}
+        if m.get("samples_per_task", 1) > 1:
+            missing = [0.0] * max(0, n - len(results))
+            row.update(samples_per_task=m["samples_per_task"], best_of_k_reward=m.get("best_of_k_reward"),
+                       best_of_k_ci95=list(bootstrap_interval([r["best_reward"] for r in results.values()] + missing)),
+                       pass_at_k=m.get("pass_at_k"),
+                       pass_at_k_ci95=list(bootstrap_interval([r["any_success"] for r in results.values()] + missing)))
+        rows.append(row)
+        if split == "test":  # best-of-K sampling is judged by its best sample
+            tasks_by_stage[name] = {t: r["best_reward" if name == BEST_OF_K_STAGE else "reward"]
+                                    for t, r in results.items()}
     test_stages = [r["stage"] for r in rows if r["split"] == "test"]
     order = sorted(test_stages, key=_test_order)
     differences = [{"after": b, "before": a, "label": f"{_label(b)} - {_label(a)}",
                     **paired_difference(tasks_by_stage[a], tasks_by_stage[b])} for a, b in zip(order, order[1:])]
-    pairs = {name: rec.get("counts") for name, rec in stages.items() if name.startswith("pairs")}
+    pairs = {name: rec.get("counts") for name, rec in stages.items() if name.startswith(("pairs", "step_pairs"))}
     times = {name: rec.get("seconds") for name, rec in stages.items()}
     by_name = {r["stage"]: r for r in rows}
-    curve = [{"stage": s, "label": _label(s), "average_reward": by_name[s]["average_reward"],
-              "reward_ci95": by_name[s]["reward_ci95"]} for s in order]
+    best = {"average_reward": "best_of_k_reward", "reward_ci95": "best_of_k_ci95"}
+    curve = [{"stage": s, "label": _label(s), **{k: by_name[s][best[k] if s == BEST_OF_K_STAGE else k] for k in best}}
+             for s in order]
     return {"run": run_dir.name, "results": rows, "paired_differences": differences, "pairs": pairs,
             "stage_seconds": times, "total_seconds": round(sum(t or 0 for t in times.values()), 1),
             "test_reward_by_stage": curve, "costs": costs(stages)}
 
 
-def _test_order(stage: str) -> int:
+def _test_order(stage: str) -> float:
+    """base, SFT, iter1, iter2, ..., then any other evaluation (bon: the SFT agent sampled K times)."""
     if stage in TEST_STAGE_LABELS:
         return list(TEST_STAGE_LABELS).index(stage) - len(TEST_STAGE_LABELS)
-    return int(stage.removeprefix("eval_iter"))
+    rest = stage.removeprefix("eval_iter")
+    return int(rest) if rest.isdigit() else float("inf")
 
 
 def _label(stage: str) -> str:
-    return TEST_STAGE_LABELS.get(stage) or stage.removeprefix("eval_")
+    return {**TEST_STAGE_LABELS, BEST_OF_K_STAGE: "best-of-K"}.get(stage) or stage.removeprefix("eval_")
 
 
 def _ci(ci) -> str:
@@ -143,6 +162,12 @@ def markdown(summary: dict) -> str:
     for r in summary["results"]:
         lines.append(f"| {r['stage']} | {r['split']} | {r['tasks']} | {r['average_reward']:.4f} | "
                      f"{_ci(r['reward_ci95'])} | {r['success_rate']:.4f} | {_ci(r['success_ci95'])} | {r['seconds']} |")
+    sampled = [r for r in summary["results"] if r.get("samples_per_task", 1) > 1]
+    if sampled:
+        lines += ["", "| stage | samples per task | best-of-K reward | 95% CI | pass@K | 95% CI |", "|---|---|---|---|---|---|"]
+        for r in sampled:
+            lines.append(f"| {r['stage']} | {r['samples_per_task']} | {r['best_of_k_reward']:.4f} | "
+                         f"{_ci(r['best_of_k_ci95'])} | {r['pass_at_k']:.4f} | {_ci(r['pass_at_k_ci95'])} |")
     if summary["paired_differences"]:
         lines += ["", "| paired difference (same test tasks) | tasks | mean reward diff | 95% CI | better | worse | same |",
                   "|---|---|---|---|---|---|---|"]

@@ -1,0 +1,177 @@
+"""Step-level pairs (IPR-style): where the expert's step is worth more than the agent's, by Monte-Carlo rollouts.
+
+Used by `construct_preference.py --rule step`. For a task where an agent sample lost to the expert, at expert
+step t (at most --max_prefixes steps per task, spread over the trajectory):
+  1. the agent's own step: replay the expert's first t actions through the real env, then let the current model
+     go on to the end (one rollout: its first generated step is the agent's step, the rest its continuation);
+  2. values: K rollouts that replay the expert's first t+1 actions, and K that replay the first t plus the
+     agent's step (the continuation of 1 is the first of those), the model going on from there; a step's value
+     is the mean final reward of its rollouts;
+  3. a pair when value(expert step) - value(agent step) > margin: prompt = task + expert prefix (t steps),
+     chosen = the expert's trajectory from step t, rejected = the agent's from its step t, both ending on a
+     gpt turn, the rejected side capped at the chosen side's rounds + `rejected_extra_rounds`.
+No pair when the agent's step is the expert's (the same action), or when replaying the prefix did not give back the
+expert's recorded observations (the env is not deterministic there). Every rollout is an episode file in
+`cache_dir` named by the task and a hash of the replayed actions: a rerun reuses finished rollouts, and
+rollouts run concurrently (`num_workers` episodes at a time, batched by the serving).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from construct_preference import PROMPT_TURNS, _rounds, _trajectory
+
+from eval_agent.envs.base import parse_action
+from eval_agent.runner import EnvPool, is_complete, read_result, run_episode, sum_costs, task_filename, \
+    write_json_atomic
+
+
+def prefix_lengths(steps: int, max_prefixes: int) -> list[int]:
+    """At most `max_prefixes` values of t in 0..steps-1, evenly spread, first and last included."""
+    if steps <= max_prefixes:
+        return list(range(steps))
+    if max_prefixes == 1:
+        return [0]
+    return sorted({round(i * (steps - 1) / (max_prefixes - 1)) for i in range(max_prefixes)})
+
+
+def expert_actions(expert: dict) -> list[str]:
+    return [t["value"] for t in expert["conversations"][PROMPT_TURNS:] if t["from"] == "gpt"]
+
+
+def prefix_turns(turns: list[dict], t: int) -> list[dict]:
+    """The first three turns and t rounds (gpt answer + observation) after them."""
+    return turns[: PROMPT_TURNS + 2 * t]
+
+
+class Rollouts:
+    """Episodes that replay a prefix then let the model finish, stored (and reused) one file each."""
+
+    def __init__(self, cfg, agent, tasks: dict, cache_dir: Path, max_steps: int | None, num_workers: int):
+        self.cfg, self.agent, self.tasks = cfg, agent, tasks
+        self.cache_dir, self.max_steps, self.num_workers = Path(cache_dir), max_steps, num_workers
+        self.envs = EnvPool(cfg)
+        self.instruction, self.icl = cfg.instruction_text(), cfg.icl_messages()
+        self.costs: dict[Path, dict] = {}  # per distinct rollout: a prefix can recur (the expert's step at t
+        # is the expert prefix of t + 1), and its episode is played once
+        self.played = self.reused = 0
+
+    def action(self, answer: str) -> str | None:
+        """The action the env would execute for this answer (the thought around it ignored)."""
+        return parse_action(answer, self.cfg.env_options.get("action_first_line_only", False),
+                            self.cfg.env_class().action_pattern)
+
+    def path(self, task_id: str, replay: list[str], i: int) -> Path:
+        digest = hashlib.sha1(json.dumps(replay).encode()).hexdigest()[:16]
+        return self.cache_dir / task_filename(f"{task_id}__{digest}__r{i}")
+
+    def run(self, jobs: list[tuple[str, list[str], int]]) -> list[dict]:
+        """One record per (task id, replayed actions, rollout index), in order."""
+        def one(job):
+            task_id, replay, i = job
+            path = self.path(task_id, replay, i)
+            record = read_result(path)
+            if is_complete(record):
+                self.reused += 1
+            else:
+                record = run_episode(self.cfg, self.tasks[task_id], self.agent, self.cfg.icl_num, self.instruction,
+                                     self.icl, envs=self.envs, max_steps=self.max_steps, replay=replay)
+                record["meta"]["replayed_steps"] = len(replay)
+                write_json_atomic(path, record)
+                self.played += 1
+            self.costs[path] = record["meta"].get("cost", {})
+            return record
+
+        with ThreadPoolExecutor(max(1, self.num_workers)) as pool:
+            return list(pool.map(one, jobs))
+
+    def close(self) -> None:
+        self.envs.close_all()
+
+
+def _from_step(turns: list[dict], t: int) -> list[dict]:
+    """The first three turns, then the rounds from step t on (the prefix before t left out)."""
+    return turns[:PROMPT_TURNS] + turns[PROMPT_TURNS + 2 * t:]
+
+
+def _value(records: list[dict]) -> float:
+    return sum(float(r["meta"].get("reward") or 0.0) for r in records) / len(records)
+
+
+def build_step_pairs(experts: dict, explored: dict, rollouts: Rollouts, k: int, margin: float,
+                     max_prefixes: int, rejected_extra_rounds: int | None) -> tuple[list[dict], dict]:
+    """`experts`/`explored` as construct_preference loads them; returns (pairs, counts with costs)."""
+    counts = {"tasks": 0, "prefixes": 0, "same_step": 0, "replay_mismatch": 0, "ended_in_replay": 0,
+              "below_margin": 0, "pairs": 0}
+    points = []  # (task id, expert record, t)
+    for key, samples in explored.items():
+        if key not in experts or key not in rollouts.tasks:
+            continue
+        expert = experts[key][0]
+        lost = [rec for rec, _ in samples if rec is not None and float(rec["meta"]["reward"]) < float(expert["reward"])]
+        if not lost:
+            continue
+        counts["tasks"] += 1
+        points += [(key, expert, t) for t in prefix_lengths(len(expert_actions(expert)), max_prefixes)]
+    counts["prefixes"] = len(points)
+
+    # 1. the agent's step and its continuation, from each expert prefix
+    own = rollouts.run([(key, expert_actions(expert)[:t], 0) for key, expert, t in points])
+    candidates = []
+    for (key, expert, t), rec in zip(points, own):
+        turns = rec["conversations"]
+        if prefix_turns(turns, t) != prefix_turns(expert["conversations"], t):
+            counts["replay_mismatch"] += 1
+        elif len(turns) <= PROMPT_TURNS + 2 * t or turns[PROMPT_TURNS + 2 * t]["from"] != "gpt":
+            counts["ended_in_replay"] += 1  # the step limit (or a failure) came before the agent's step
+        elif rollouts.action(turns[PROMPT_TURNS + 2 * t]["value"]) == rollouts.action(expert_actions(expert)[t]):
+            counts["same_step"] += 1  # the same action in other words: nothing to prefer
+        else:
+            candidates.append((key, expert, t, rec))
+
+    # 2. Monte-Carlo values of the expert's step and of the agent's
+    jobs = []
+    for key, expert, t, rec in candidates:
+        actions = expert_actions(expert)
+        agent_step = rec["conversations"][PROMPT_TURNS + 2 * t]["value"]
+        jobs += [(key, actions[: t + 1], i) for i in range(k)]
+        jobs += [(key, actions[:t] + [agent_step], i) for i in range(1, k)]
+    values = iter(rollouts.run(jobs))
+    pairs = []
+    for key, expert, t, rec in candidates:
+        expert_runs = [next(values) for _ in range(k)]
+        agent_runs = [rec] + [next(values) for _ in range(k - 1)]
+        v_expert, v_agent = _value(expert_runs), _value(agent_runs)
+        if v_expert - v_agent <= margin:
+            counts["below_margin"] += 1
+            continue
+        chosen = {"conversations": _from_step(expert["conversations"], t)}
+        rejected = {"conversations": _from_step(rec["conversations"], t)}
+        cap = _rounds(chosen["conversations"]) + rejected_extra_rounds if rejected_extra_rounds is not None else None
+        pairs.append({"id": key, "kind": "step", "rule": "step", "step": t,
+                      "prompt": prefix_turns(expert["conversations"], t),
+                      "chosen": _trajectory(chosen["conversations"]),
+                      "rejected": _trajectory(rejected["conversations"], cap),
+                      "chosen_value": v_expert, "rejected_value": v_agent, "rollouts": k,
+                      "rejected_cap_rounds": cap, "rejected_rounds_total": _rounds(rejected["conversations"])})
+    counts["pairs"] = len(pairs)
+    total = sum_costs(list(rollouts.costs.values()))
+    counts["cost"] = {"rollouts": len(rollouts.costs), "played": rollouts.played, "reused": rollouts.reused,
+                      **{f: total.get(f) for f in ("env_steps", "prompt_tokens", "completion_tokens")}}
+    if pairs:
+        counts["cost_per_pair"] = {f: round(v / len(pairs), 1) for f, v in counts["cost"].items()
+                                   if f in ("env_steps", "prompt_tokens", "completion_tokens") and v is not None}
+    return pairs, counts
+
+
+def agent_for(controller_address: str, model_name: str, temperature: float, max_new_tokens: int | None,
+              agent_config: str = "fastchat") -> Any:
+    from eval_agent.agents import load_agent_config, make_agent
+
+    path, raw = load_agent_config(agent_config)
+    return make_agent(path, raw, controller_address=controller_address, model_name=model_name,
+                      temperature=temperature, max_new_tokens=max_new_tokens)
