@@ -217,18 +217,21 @@ def task_filename(task_id: str, sample: int = 0, samples_per_task: int = 1) -> s
     return f"{stem}__s{sample}.json" if samples_per_task > 1 else f"{stem}.json"
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write to a temp file in the same folder, then rename: readers never see half a file."""
+def write_json_atomic(path: Path, data: Any, indent: int | None = 2) -> None:
+    """Write to a temp file in the same folder, then rename: readers never see half a file. The one JSON writer
+    of eval_agent and scripts/ (episode files, pairs, expert data)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         # a lone surrogate (broken model output) cannot be UTF-8: write it as its JSON escape, which reads back
         # as the same string
-        text = json.dumps(data, ensure_ascii=False, indent=2).encode("utf-8", errors="backslashreplace")
+        text = json.dumps(data, ensure_ascii=False, indent=indent).encode("utf-8", errors="backslashreplace")
         with os.fdopen(fd, "wb") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; data files are shared like any other output
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -24,10 +24,8 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import os
 import re
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -36,6 +34,7 @@ from eval_agent.config import load_task_config
 from eval_agent.envs.alfworld_env import AlfWorldEnv, format_observation, task_text
 from eval_agent.paths import alfworld_data_dir, data_dir
 from eval_agent.prompt import record_turns
+from eval_agent.runner import write_json_atomic
 from eval_agent.tasks.alfworld import AlfWorldLoader, task_id
 from eval_agent.tasks.base import Task
 
@@ -208,15 +207,6 @@ def spread(records: list[dict], n: int) -> list[dict]:
     return picked
 
 
-def write_atomic(path: Path, records: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(records, f, ensure_ascii=False)
-    os.chmod(tmp, 0o644)  # mkstemp makes it owner-only
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=data_dir() / "alfworld_sft.json")
@@ -265,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         failed = replay("sampled trajectories", spread(records, args.verify))
         records = [r for r in records if r["id"] not in failed]
 
-    write_atomic(args.out, records)
+    write_json_atomic(args.out, records, indent=None)
     rewards = collections.Counter(r["reward"] for r in records)
     types = collections.Counter(r["task_type"] for r in records)
     steps = [(len(r["conversations"]) - 2) // 2 for r in records]

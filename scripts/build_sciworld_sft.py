@@ -24,7 +24,6 @@ import argparse
 import collections
 import json
 import multiprocessing as mp
-import os
 import re
 import sys
 import time
@@ -33,6 +32,7 @@ from pathlib import Path
 from eval_agent.config import load_task_config
 from eval_agent.paths import data_dir
 from eval_agent.prompt import record_turns
+from eval_agent.runner import write_json_atomic
 from eval_agent.tasks.base import Task, spread_subset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -150,12 +150,6 @@ def _worker_play(args: tuple[dict, int, str, int]) -> dict:
     return out
 
 
-def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--split", default="train")
@@ -222,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     kept = [r["record"] for r in results if r.get("kept")]
     for record in kept:  # records resumed from an earlier run get the current instruction
         record["conversations"][0]["value"] = instruction
-    _write_json_atomic(out, kept)
+    write_json_atomic(out, kept, indent=None)
     if len(results) == len(tasks):
         partial.unlink()
     else:

@@ -15,17 +15,15 @@ our build only.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
-import tempfile
 from collections import Counter
 from pathlib import Path
 
 from eval_agent.config import load_task_config
 from eval_agent.paths import data_dir, webshop_data_dir
 from eval_agent.prompt import record_turns
+from eval_agent.runner import write_json_atomic
 from webshop.oracle import load_query_map, oracle_plan
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -68,14 +66,6 @@ def build(split: str, num_goals: int | None, min_reward: float) -> tuple[list[di
     return records, rewards, unfound
 
 
-def write_json_atomic(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(data, f, ensure_ascii=False, indent=1)
-    os.replace(tmp, path)
-
-
 def distribution(rewards: list[float]) -> str:
     bins = Counter(min(int(r * 10), 9) for r in rewards)
     rows = [f"  [{b / 10:.1f}, {(b + 1) / 10:.1f}{']' if b == 9 else ')'}: {bins[b]}" for b in range(10) if bins[b]]
@@ -99,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     if not rewards:
         print("no trajectory was played", file=sys.stderr)
         return 1
-    write_json_atomic(out, records)
+    write_json_atomic(out, records, indent=1)
     print(f"goals played: {len(rewards)} (target not found: {unfound})")
     print(f"reward mean {statistics.mean(rewards):.4f}, median {statistics.median(rewards):.4f}, "
           f"min {min(rewards):.4f}, reward 1.0: {sum(r >= 1.0 for r in rewards)}")

@@ -28,15 +28,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # step_pairs, beside this script
 
 from eval_agent.config import TASK_PATH_ENV, ConfigError, describe_tasks, load_task_config  # noqa: E402
-from eval_agent.runner import is_infrastructure_failure  # noqa: E402
+from eval_agent.runner import is_infrastructure_failure, write_json_atomic  # noqa: E402
 
 PROMPT_TURNS = 3  # instruction, "OK", task
 
@@ -210,14 +208,6 @@ def _self_pairs(explored: dict, max_rejected_turns: int | None, extra_rounds: in
     return pairs, counts
 
 
-def atomic_write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--explore_dir", required=True, type=Path, help="folder of per-task agent outputs")
@@ -283,8 +273,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     counts = {"rule": a.rule, "pairs": len(pairs), **counts}
-    atomic_write_json(a.output_path, pairs)
-    atomic_write_json(stats_path(a.output_path), counts)
+    write_json_atomic(a.output_path, pairs)
+    write_json_atomic(stats_path(a.output_path), counts)
     if a.rule == "expert":
         print(f"win {counts['win']} / tie {counts['tie']} / lose {counts['lose']} (agent vs expert)"
               + (f"; {counts['no_expert']} explored episodes without an expert trajectory" if counts["no_expert"]

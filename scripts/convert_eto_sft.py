@@ -27,10 +27,8 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import os
 import re
 import sys
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -38,6 +36,7 @@ from typing import Any, Callable, Iterator
 from eval_agent.config import load_task_config
 from eval_agent.paths import alfworld_data_dir, data_dir, eto_split_dir, webshop_data_dir
 from eval_agent.prompt import record_turns
+from eval_agent.runner import write_json_atomic
 from eval_agent.tasks.base import Task
 
 BENCHMARKS = ("webshop", "sciworld", "alfworld")
@@ -251,15 +250,6 @@ def convert_records(benchmark: str, records: Any, official: Path, tasks: dict[st
     return list(by_id.values()), refused
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(data, f, ensure_ascii=False)
-    os.chmod(tmp, 0o644)  # mkstemp makes it owner-only
-    os.replace(tmp, path)
-
-
 def convert_file(benchmark: str, official: Path, out: Path) -> collections.Counter:
     """Convert `official` into `out`; returns the refused counts. Raises OfficialFileError (nothing written)."""
     try:
@@ -273,7 +263,7 @@ def convert_file(benchmark: str, official: Path, out: Path) -> collections.Count
         converted, refused = convert_records(benchmark, records, official, train_tasks(benchmark),
                                              first_observation, load_task_config(benchmark).instruction_text(),
                                              id_of)
-    write_json_atomic(out, converted)
+    write_json_atomic(out, converted, indent=None)
     rewards = [r["reward"] for r in converted]
     print(f"converted {len(converted)} of {len(records)} records of the official ETO file {official} -> {out}")
     print(f"refused: {dict(refused) or 'none'}")
