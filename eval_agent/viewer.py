@@ -117,7 +117,9 @@ def first_divergence(chosen: list[dict], rejected: list[dict]) -> int | None:
 def pair_steps(pair: dict) -> dict:
     """A pair's prefix (step-level pairs), chosen and rejected steps, and the number of the first divergent step
     (counted from the first step after the prompt; None when both sides are the same)."""
-    prefix, chosen, rejected = (steps(pair.get(side, [])) for side in ("prefix", "chosen", "rejected"))
+    # a step-level pair's prompt goes on past the task: the expert's first steps are the common prefix
+    prefix = steps(pair.get("prompt", [])[PROMPT_TURNS:])
+    chosen, rejected = (steps(pair.get(side, [])) for side in ("chosen", "rejected"))
     divergence = first_divergence(chosen, rejected)
     return {"prefix": prefix, "chosen": chosen, "rejected": rejected,
             "divergence": None if divergence is None else len(prefix) + divergence + 1}
@@ -171,7 +173,8 @@ def create_app(run: Run) -> Flask:
         return json.loads(files[name].read_text(encoding="utf-8"))
 
     def explore_stage(pairs_name: str) -> str:
-        return "explore_" + pairs_name.removeprefix("pairs_")
+        """pairs_iter1 and the step pairs pairs_iter1_step come from explore_iter1."""
+        return "explore_" + pairs_name.removeprefix("pairs_").removesuffix("_step")
 
     @app.get("/")
     def index():
@@ -271,7 +274,7 @@ def create_app(run: Run) -> Flask:
                          "chosen_reward": p.get("chosen_reward"), "rejected_reward": p.get("rejected_reward"),
                          "chosen_steps": len(view["chosen"]), "rejected_steps": len(view["rejected"]),
                          "rejected_rounds_total": p.get("rejected_rounds_total"),
-                         "cap": p.get("rejected_cap_rounds"), "step_level": "prefix" in p,
+                         "cap": p.get("rejected_cap_rounds"), "step_level": p.get("kind") == "step",
                          "divergence": view["divergence"]})
         return render_template("pairs.html", run=run, name=name, rows=rows, explore=explore_stage(name))
 
@@ -287,14 +290,18 @@ def create_app(run: Run) -> Flask:
                  "rejected": r[i] if i < len(r) else None, "divergent": len(prefix) + i + 1 == view["divergence"]}
                 for i in range(max(len(c), len(r)))]
         agent = {"win": "chosen", "lose": "rejected"}.get(p.get("outcome"))  # the other side is the expert's
-        explore, key = explore_stage(name), task_filename(str(p.get("id"))).removesuffix(".json")
+        explore = explore_stage(name)
+        sample = p.get(f"{agent}_sample") if agent else None
+        key = task_filename(str(p.get("id")), sample or 0, 2 if sample is not None else 1).removesuffix(".json")
         folder = run.stages().get(explore)
+        if sample == 0 and folder is not None and not (folder / f"{key}.json").is_file():
+            key = task_filename(str(p.get("id"))).removesuffix(".json")  # one sample per task: <id>.json
         episode_link = url_for("episode", stage_name=explore, key=key) \
             if agent and folder is not None and (folder / f"{key}.json").is_file() else None
         return render_template("pair.html", run=run, name=name, index=index, count=len(records), pair=p,
-                               prompt=p.get("prompt", []), prefix=prefix, rows=rows, agent=agent,
-                               divergence=view["divergence"], step_level="prefix" in p, episode_link=episode_link,
-                               shown_rejected_rounds=len(r))
+                               prompt=p.get("prompt", [])[:PROMPT_TURNS], prefix=prefix, rows=rows, agent=agent,
+                               divergence=view["divergence"], step_level=p.get("kind") == "step",
+                               episode_link=episode_link, shown_rejected_rounds=len(r))
 
     return app
 

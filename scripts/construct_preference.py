@@ -131,7 +131,9 @@ def _pair(key: str, prompt: list[dict], better: dict, worse: dict, rewards: tupl
     return {"id": key, "kind": "trajectory", "rule": rule, "prompt": prompt,
             "chosen": _trajectory(better["conversations"]), "rejected": _trajectory(worse["conversations"], cap),
             "chosen_reward": rewards[0], "rejected_reward": rewards[1], "outcome": outcome,
-            "rejected_cap_rounds": cap, "rejected_rounds_total": _rounds(worse["conversations"])}
+            "rejected_cap_rounds": cap, "rejected_rounds_total": _rounds(worse["conversations"]),
+            # which sample of the task each side is (None: the expert's), to find its episode file
+            "chosen_sample": better.get("meta", {}).get("sample"), "rejected_sample": worse.get("meta", {}).get("sample")}
 
 
 def _cap(chosen: dict, max_rejected_turns: int | None, extra_rounds: int | None) -> int | None:

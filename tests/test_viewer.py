@@ -66,9 +66,9 @@ def hand_made_run(root: Path) -> Path:
     write(run / "pairs" / "iter1.json", [
         {"id": "t1", "prompt": PROMPT, "chosen": expert, "rejected": agent, "chosen_reward": 1.0,
          "rejected_reward": 0.0, "outcome": "lose", "rejected_cap_rounds": 7, "rejected_rounds_total": 9},
-        {"id": "t1", "prompt": PROMPT, "prefix": turns(("Action: go to hall", "You are in the hall.")),
+        {"id": "t1", "kind": "step", "prompt": PROMPT + turns(("Action: go to hall", "You are in the hall.")),
          "chosen": turns(("Action: open door", None)), "rejected": turns((f"Action: {SCRIPT}", None)),
-         "chosen_reward": 1.0, "rejected_reward": 0.0}])
+         "chosen_value": 1.0, "rejected_value": 0.0}])
     write(run / "settings.json", {"task": "alfworld", "note": SCRIPT})
     return run
 
