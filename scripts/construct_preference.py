@@ -133,7 +133,8 @@ def _pair(key: str, prompt: list[dict], better: dict, worse: dict, rewards: tupl
             "chosen_reward": rewards[0], "rejected_reward": rewards[1], "outcome": outcome,
             "rejected_cap_rounds": cap, "rejected_rounds_total": _rounds(worse["conversations"]),
             # which sample of the task each side is (None: the expert's), to find its episode file
-            "chosen_sample": better.get("meta", {}).get("sample"), "rejected_sample": worse.get("meta", {}).get("sample")}
+            "chosen_sample": better.get("meta", {}).get("sample"),
+            "rejected_sample": worse.get("meta", {}).get("sample")}
 
 
 def _cap(chosen: dict, max_rejected_turns: int | None, extra_rounds: int | None) -> int | None:
