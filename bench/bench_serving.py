@@ -12,7 +12,10 @@ one worker then to the other, and generated tokens/s are compared. Greedy
 outputs of the two workers are also compared (they must be identical).
 With --episodes N it also runs N short ALFWorld episodes through
 `eval_agent.main` at each concurrency and reports episodes per hour.
-Prints a table and writes bench/results/serving.json.
+First it measures this machine's memory bandwidth and matmul throughput
+(bench/roofline.py) and reports each tokens/s as a fraction of the decode limit
+they allow (batch c for the batching worker, 1 for the other: weights read once
+per step). Prints a table and writes bench/results/serving.json.
 """
 from __future__ import annotations
 
@@ -32,10 +35,12 @@ import requests
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench import roofline  # noqa: E402
 from fastchat.constants import default_model_path  # noqa: E402
 from fastchat.conversation import render, template_for_model  # noqa: E402
 
-MODES = {"batched": ["--max-batch-size", "8"], "one-at-a-time": ["--no-batching"]}
+MAX_BATCH = 8
+MODES = {"batched": ["--max-batch-size", str(MAX_BATCH)], "one-at-a-time": ["--no-batching"]}
 
 
 def free_port() -> int:
@@ -122,6 +127,10 @@ def main() -> None:
     if not (model_path / "config.json").is_file():
         raise SystemExit(f"no model at {model_path}; pass --model-path")
 
+    load_before = os.getloadavg()
+    limits = roofline.measure(a.num_threads, model_path)  # before the workers start, on an idle process
+    print(f"roofline ({a.num_threads} threads): {limits['memory_gbs']} GB/s, {limits['matmul_gflops']} GFLOP/s -> "
+          f"{limits['decode_tokens_per_s_per_sequence']} tok/s per sequence in a step", flush=True)
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     logs = Path(tempfile.mkdtemp(prefix="bench_serving_"))
     cport = free_port()
@@ -149,11 +158,16 @@ def main() -> None:
             texts = {}
             for mode in MODES:
                 wall, tokens, texts[mode] = run_level(controller, mode, batch, a.new_tokens)
-                row[mode] = {"seconds": round(wall, 2), "tokens": tokens, "tokens_per_s": round(tokens / wall, 2)}
+                limit = roofline.decode_limit(limits, min(c, MAX_BATCH) if mode == "batched" else 1)
+                row[mode] = {"seconds": round(wall, 2), "tokens": tokens, "tokens_per_s": round(tokens / wall, 2),
+                             "fraction_of_limit": round(tokens / wall / limit, 3)}
                 if a.episodes:
                     eph = run_episodes(controller, mode, a.episodes, c, logs / f"episodes_{mode}_{c}")
                     row[mode]["episodes_per_hour"] = round(eph, 1) if eph else None
             row["speedup"] = round(row["batched"]["tokens_per_s"] / row["one-at-a-time"]["tokens_per_s"], 2)
+            if a.episodes and row["batched"]["episodes_per_hour"] and row["one-at-a-time"]["episodes_per_hour"]:
+                row["episodes_speedup"] = round(row["batched"]["episodes_per_hour"] /
+                                                row["one-at-a-time"]["episodes_per_hour"], 2)
             row["same_greedy_text"] = texts["batched"] == texts["one-at-a-time"]
             rows.append(row)
             print(f"c={c}: batched {row['batched']['tokens_per_s']} tok/s, one-at-a-time "
@@ -169,15 +183,22 @@ def main() -> None:
 
     print(f"\nmodel {model_path.name}, prompts of {min(n_prompt)}-{max(n_prompt)} chars (~{a.prompt_tokens}+ tokens), "
           f"{a.new_tokens} new tokens, torch threads {a.num_threads}")
-    print(f"{'concurrent':>10} {'batched tok/s':>14} {'one-at-a-time tok/s':>20} {'speedup':>8} {'same text':>10}")
+    print("tok/s (fraction of the roofline decode limit); episodes/hour batched / one-at-a-time")
+    print(f"{'concurrent':>10} {'batched tok/s':>18} {'one-at-a-time tok/s':>20} {'speedup':>8} {'same text':>10} "
+          f"{'episodes/h':>16}")
     for r in rows:
-        print(f"{r['concurrency']:>10} {r['batched']['tokens_per_s']:>14} {r['one-at-a-time']['tokens_per_s']:>20} "
-              f"{r['speedup']:>8} {str(r['same_greedy_text']):>10}")
+        b, o = r["batched"], r["one-at-a-time"]
+        eph = f"{b['episodes_per_hour']} / {o['episodes_per_hour']}" if a.episodes else "-"
+        print(f"{r['concurrency']:>10} {b['tokens_per_s']:>9} ({b['fraction_of_limit']:.2f}) "
+              f"{o['tokens_per_s']:>12} ({o['fraction_of_limit']:.2f}) {r['speedup']:>8} "
+              f"{str(r['same_greedy_text']):>10} {eph:>16}")
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"model": str(model_path), "num_threads": a.num_threads, "rows": rows,
-                               "load_average": os.getloadavg()}, indent=2))
+    tmp.write_text(json.dumps({"model": str(model_path), "num_threads": a.num_threads, "new_tokens": a.new_tokens,
+                               "prompt_tokens": a.prompt_tokens, "rounds": a.rounds, "episodes": a.episodes,
+                               "roofline": limits, "rows": rows,
+                               "load_average": {"start": load_before, "end": os.getloadavg()}}, indent=2))
     os.replace(tmp, out)
     print(f"written {out}")
 

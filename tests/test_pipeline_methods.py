@@ -1,15 +1,17 @@
-"""run_eto.sh --method bon|rft and --self_play 1 end to end with a tiny local model, one environment each:
+"""run_eto.sh --method bon|rft|ipr and --self_play 1 end to end with a tiny local model, one environment each:
 the stages each method runs, its samples, data and pairs, and its summary."""
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from test_pipeline import expert_file, pipeline_cmd
+from eval_agent.config import TASK_PATH_ENV
+from test_pipeline import pipeline_cmd
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -91,3 +93,28 @@ def test_self_play_needs_no_expert_data(tiny_model_dir, tmp_path):
     assert summary["pairs"]["pairs_iter1"]["rule"] == "self"
     if pairs["pairs"]:
         assert "dpo_iter1" in done and "eval_iter1" in done
+
+
+@pytest.mark.slow
+def test_ipr_trains_on_trajectory_pairs_step_pairs_and_expert_sft(tiny_model_dir, tmp_path):
+    folder = tmp_path / "tasks"
+    shutil.copytree(REPO / "tests" / "newtask", folder, ignore=shutil.ignore_patterns("__pycache__"))
+    # steps up to the longest expert trajectory (9), so replaying the whole expert wins
+    run = run_pipeline("keyroom", tiny_model_dir, tmp_path, "--method", "ipr", "--max_steps", "12",
+                       "--step_rollouts", "2", "--step_max_prefixes", "2", "--step_weight", "0.5",
+                       "--sft_weight", "0.25", env={TASK_PATH_ENV: str(folder)})
+    assert stages(run) == ["dpo_iter1", "eval_base", "eval_iter1", "eval_sft", "expert_data", "explore_iter1",
+                           "pairs_iter1", "sft", "step_pairs_iter1"]
+    step = json.loads((run / "stages" / "step_pairs_iter1.json").read_text())
+    counts = step["counts"]
+    # the last expert step wins the game; a random model's step there does not: a pair per losing task
+    assert counts["rule"] == "step" and counts["pairs"] >= 1 and counts["prefixes"] == 2 * counts["tasks"]
+    assert step["cost"]["env_steps"] == counts["cost"]["env_steps"] > 0
+    mixed = json.loads((run / "data" / "ipr_iter1.json").read_text())
+    kinds = {k: sum(r.get("kind") == k for r in mixed) for k in ("trajectory", "step", "sft")}
+    trajectory = json.loads((run / "pairs" / "iter1.json").read_text())
+    assert kinds == {"trajectory": len(trajectory), "step": counts["pairs"], "sft": 2}
+    log = (run / "logs" / "dpo_iter1.log").read_text()
+    assert "--step_weight 0.5 --sft_weight 0.25" in log
+    trainer_state = json.loads((run / "models" / "dpo_iter1" / "train_summary.json").read_text())
+    assert trainer_state["loss_weights"] == {"trajectory": 1.0, "step": 0.5, "sft": 0.25}

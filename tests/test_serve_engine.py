@@ -160,3 +160,59 @@ def test_prefix_cache_reuse_gives_the_same_output(backend):
     without = list(fresh.generate_stream(greedy(follow_up, 16)))[-1]
     assert fresh.stats["prefix_tokens_reused"] == 0
     assert with_cache["text"] == without["text"] and with_cache["usage"] == without["usage"]
+
+
+def test_rows_moving_and_cache_growth_keep_greedy_output(backend, monkeypatch):
+    """Requests queue for 3 rows, finish at different steps (later rows move into freed ones, newcomers take the
+    rest) and the preallocated KV cache grows several times: each output is still the one-at-a-time output."""
+    from fastchat.serve import kv_cache
+    from fastchat.serve.engine import BatchingEngine
+
+    monkeypatch.setattr(kv_cache, "MIN_CAPACITY", 4)
+    alone = [run(backend, greedy(p, 10 + 5 * i))[0] for i, p in enumerate(PROMPTS)]
+    engine = BatchingEngine(backend.model, backend.tokenizer, 256, max_batch_size=3, prefix_cache_size=0)
+    results: dict[int, dict] = {}
+
+    def worker(i: int):
+        results[i] = list(engine.generate_stream(greedy(PROMPTS[i], 10 + 5 * i)))[-1]
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(PROMPTS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    engine.close()
+    assert engine.stats["max_batch"] == 3
+    assert engine._kv.layers[0].keys.shape[2] >= max(a["usage"]["total_tokens"] for a in alone) - 1
+    for i, a in enumerate(alone):
+        assert results[i]["text"] == a["text"] and results[i]["usage"] == a["usage"], f"prompt {i}"
+
+
+def test_prepacked_linear_matches_and_rows_do_not_depend_on_the_batch():
+    from fastchat.serve.prepack import PackedLinear
+
+    linear = torch.nn.Linear(96, 40)
+    packed = PackedLinear(linear, batch_hint=8)
+    x = torch.randn(5, 3, 96)
+    with torch.inference_mode():
+        y = packed(x)
+        assert torch.allclose(y, linear(x), atol=1e-5)
+        assert torch.equal(y, torch.cat([packed(x[i:i + 1]) for i in range(5)]))
+
+
+def test_a_slow_stream_consumer_gets_the_latest_text(backend):
+    """Chunks carry the whole text so far: a consumer that falls behind skips to the newest one."""
+    import asyncio
+
+    async def consume() -> list[dict]:
+        chunks = []
+        async for chunk in backend.engine.agenerate_stream(greedy(PROMPTS[1], 30)):
+            chunks.append(chunk)
+            while backend.engine.queue_length():  # busy while the engine finishes the request
+                await asyncio.sleep(0.01)
+        return chunks
+
+    chunks = asyncio.run(consume())
+    final = run(backend, greedy(PROMPTS[1], 30))[0]
+    # the first chunk, perhaps one sent while the engine was setting the final one, and the final chunk
+    assert len(chunks) <= 3 and chunks[-1] == final

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fastchat.conversation import TEMPLATES, render
 from fastchat.train.data import DPOCollator, encode_dpo
+from fastchat.train.packing import PACKED_ATTENTION
 from fastchat.train.train_dpo import DPOTrainer, DPOTrainingArguments, precompute_reference_logps
 
 BETA = 0.3
@@ -76,8 +77,11 @@ def plain_dpo_loss(policy, ref, tokenizer, template, pairs) -> float:
 @pytest.fixture(scope="module")
 def setup(tiny_model_dir, tmp_path_factory):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
-    ref = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    # the trainers' attention: per-sequence SDPA on packed rows, transformers' SDPA on anything else
+    policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32,
+                                                  attn_implementation=PACKED_ATTENTION).eval()
+    ref = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32,
+                                               attn_implementation=PACKED_ATTENTION).eval()
     torch.manual_seed(1)
     with torch.no_grad():  # a reference different from the policy, so the loss is not trivially log 2
         for p in ref.parameters():
@@ -89,9 +93,11 @@ def setup(tiny_model_dir, tmp_path_factory):
     return tokenizer, policy, ref, pairs, dataset, args
 
 
-def test_dpo_loss_matches_plain_formula(setup):
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
+def test_dpo_loss_matches_plain_formula(setup, packed):
+    """Both the padding-free batches with the supervised-only head and the original padded, full-head ones."""
     tokenizer, policy, ref, pairs, dataset, args = setup
-    collator = DPOCollator(tokenizer.pad_token_id)
+    collator = DPOCollator(tokenizer.pad_token_id, packed=packed)
     trainer = DPOTrainer(model=policy, args=args, train_dataset=dataset, data_collator=collator,
                          beta=BETA, ref_model=ref)
     with torch.no_grad():
@@ -104,7 +110,7 @@ def test_dpo_loss_matches_plain_formula(setup):
 
 def test_precomputed_reference_logps_give_the_same_loss(setup):
     tokenizer, policy, ref, pairs, dataset, args = setup
-    collator = DPOCollator(tokenizer.pad_token_id)
+    collator = DPOCollator(tokenizer.pad_token_id, packed=True)
     live = DPOTrainer(model=policy, args=args, train_dataset=dataset, data_collator=collator, beta=BETA,
                       ref_model=ref)
     with torch.no_grad():

@@ -2,11 +2,11 @@
 
 One background thread owns the model. Each step it admits waiting requests
 (prefilled one by one, so a prompt's KV cache is exactly what it would be
-alone), merges them into the running batch by left-padding the shorter KV
-cache, then runs one decode forward pass for every running sequence together.
-Finished sequences leave the batch at once and the all-padding columns they
-leave behind are trimmed. Positions come from each row's own length, and the
-attention mask hides padding, so a row's greedy output does not depend on its
+alone), copies each into a free row of the running batch's preallocated KV
+cache (fastchat.serve.kv_cache), then runs one decode forward pass for every
+running sequence together. Finished sequences leave the batch at once.
+Positions come from each row's own length, and the attention mask shows each
+row only its own tokens, so a row's greedy output does not depend on its
 neighbours. `max_batch_size=1` gives one-request-at-a-time serving.
 The KV caches of the last few prompts are kept, and a new prompt starting with
 one of them (an agent's next turn, or another episode with the same
@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 from transformers import (DynamicCache, LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
                           TopKLogitsWarper, TopPLogitsWarper)
 
 from fastchat.constants import ErrorCode
+from fastchat.serve.kv_cache import SlotCache
 
 log = logging.getLogger(__name__)
 MIN_PREFIX_REUSE = 16  # shorter shared prefixes are not worth a cache lookup
@@ -131,8 +131,8 @@ class BatchingEngine:
         self.eos_token_id = tokenizer.eos_token_id
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []
-        self._cache = None           # DynamicCache of the running batch (rows = self._running)
-        self._mask: torch.Tensor | None = None  # [B, L] 1 = real token, 0 = left padding
+        self._num_layers = model.config.get_text_config().num_hidden_layers
+        self._kv = SlotCache(self._num_layers, self.max_batch_size)  # row i = self._running[i]
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -208,7 +208,7 @@ class BatchingEngine:
             while True:
                 chunk = q.get()
                 yield chunk
-                if chunk.get("finish_reason") or chunk["error_code"]:
+                if _final(chunk):
                     return
         finally:
             self.cancel(seq)
@@ -225,8 +225,10 @@ class BatchingEngine:
         try:
             while True:
                 chunk = await q.get()
+                while not _final(chunk) and not q.empty():  # behind: chunks carry all the text, send the latest
+                    chunk = q.get_nowait()
                 yield chunk
-                if chunk.get("finish_reason") or chunk["error_code"]:
+                if _final(chunk):
                     return
         finally:
             self.cancel(seq)
@@ -257,7 +259,7 @@ class BatchingEngine:
                 for seq in self._running + [s for s in newcomers if s not in self._running]:
                     if seq.finish_reason is None:
                         seq.sink(err)
-                self._running, self._cache, self._mask = [], None, None
+                self._running, self._kv = [], SlotCache(self._num_layers, self.max_batch_size)
 
     def _prefill(self, seq: Sequence) -> None:
         ids = torch.tensor([seq.prompt_ids], device=self.device)
@@ -266,19 +268,9 @@ class BatchingEngine:
         out = self.model(input_ids=ids[:, reuse:], cache=cache, use_cache=True, logits_to_keep=1)
         self._remember_prefix(seq.prompt_ids, out.cache)
         self._advance([seq], out.logits[:, -1, :])
-        if seq.finish_reason is not None:
-            return
-        cache, mask = out.cache, torch.ones_like(ids)
-        if self._cache is None:
-            self._cache, self._mask = cache, mask
-        else:
-            width = max(self._mask.shape[1], mask.shape[1])
-            for mine, new in zip(self._cache.layers, cache.layers):
-                mine.keys = torch.cat([_left_pad(mine.keys, width), _left_pad(new.keys, width)])
-                mine.values = torch.cat([_left_pad(mine.values, width), _left_pad(new.values, width)])
-            self._mask = torch.cat([F.pad(self._mask, (width - self._mask.shape[1], 0)),
-                                    F.pad(mask, (width - mask.shape[1], 0))])
-        self._running.append(seq)
+        if seq.finish_reason is None:
+            self._kv.add([(layer.keys, layer.values) for layer in out.cache.layers])
+            self._running.append(seq)
 
     def _cached_prefix(self, ids: list[int]):
         """The longest cached prefix of `ids` (agent prompts repeat the instruction and the conversation so far)."""
@@ -309,28 +301,16 @@ class BatchingEngine:
         self.stats["decoded_tokens"] += len(seqs)
         self.stats["max_batch"] = max(self.stats["max_batch"], len(seqs))
         input_ids = torch.tensor([[s.output_ids[-1]] for s in seqs], device=self.device)
-        positions = torch.tensor([[len(s.prompt_ids) + len(s.output_ids) - 1] for s in seqs], device=self.device)
-        mask = torch.cat([self._mask, self._mask.new_ones(len(seqs), 1)], dim=1)
-        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                         cache=self._cache, use_cache=True)
-        self._cache, self._mask = out.cache, mask
+        positions, mask = self._kv.step_inputs()
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=self._kv,
+                         use_cache=True)
+        self._kv.advance()
         self._advance(seqs, out.logits[:, -1, :])
 
     def _drop_finished(self) -> None:
         keep = [i for i, s in enumerate(self._running) if s.finish_reason is None and not s.cancelled]
-        if len(keep) == len(self._running):
-            return
-        self._running = [self._running[i] for i in keep]
-        if not keep:
-            self._cache, self._mask = None, None
-            return
-        idx = torch.tensor(keep, device=self.device)
-        mask = self._mask[idx]
-        start = int(mask.any(dim=0).nonzero()[0])  # columns that are padding in every remaining row
-        for layer in self._cache.layers:
-            layer.keys = layer.keys[idx, :, start:]
-            layer.values = layer.values[idx, :, start:]
-        self._mask = mask[:, start:]
+        if len(keep) < len(self._running):
+            self._running = [self._running[i] for i in self._kv.keep(keep)]
 
     # ---- sampling and stopping --------------------------------------------------------------
     def _advance(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
@@ -377,17 +357,16 @@ class BatchingEngine:
         seq.sink(chunk)
 
 
+def _final(chunk: dict) -> bool:
+    return bool(chunk.get("finish_reason") or chunk["error_code"])
+
+
 def _common_prefix_len(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))
     for i in range(n):
         if a[i] != b[i]:
             return i
     return n
-
-
-def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
-    """Left-pad a [B, H, L, D] cache tensor along L to `width`."""
-    return F.pad(t, (0, 0, width - t.shape[2], 0))
 
 
 def _hold_back(text: str, stops: list[str]) -> str:

@@ -3,7 +3,8 @@
     python -m fastchat.serve.model_worker --model-path models/SmolLM2-135M-Instruct \
         [--model-names a,b] [--host 127.0.0.1] [--port 21002] [--worker-address http://127.0.0.1:21002] \
         [--controller-address http://127.0.0.1:21001] [--device cpu|cuda] [--dtype auto|float32|bfloat16|float16] \
-        [--conv-template NAME] [--max-batch-size 8] [--no-batching] [--context-len N] [--num-threads N] [--prefix-cache-size 8]
+        [--conv-template NAME] [--max-batch-size 8] [--no-batching] [--context-len N] [--num-threads N] \
+        [--prefix-cache-size 8] [--no-prepack]
 
 Serves /worker_generate_stream (NUL-delimited JSON chunks), /worker_generate,
 /worker_get_status, /count_token, /model_details, /worker_get_conv_template.
@@ -22,6 +23,7 @@ from fastchat.constants import default_model_path
 from fastchat.conversation import template_for_model
 from fastchat.serve.base_worker import Worker, add_worker_args, build_app, run_worker
 from fastchat.serve.engine import BatchingEngine
+from fastchat.serve.prepack import can_prepack, prepack_linears
 
 
 def pick_dtype(device: str, dtype: str) -> torch.dtype:
@@ -49,7 +51,7 @@ class TransformersBackend:
 
     def __init__(self, model_path: str | Path, device: str = "cpu", dtype: str = "auto",
                  conv_template: str | None = None, max_batch_size: int = 8, context_len: int | None = None,
-                 prefix_cache_size: int = 8):
+                 prefix_cache_size: int = 8, prepack: bool = True):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         path = Path(model_path)
@@ -57,6 +59,8 @@ class TransformersBackend:
             raise SystemExit(f"--model-path {path}: no config.json there; give a local transformers model folder")
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(device, dtype)).to(device).eval()
+        if prepack and can_prepack(self.model):
+            prepack_linears(self.model, max_batch_size)
         self.context_len = context_len or context_length(self.model.config)
         self.template = template_for_model(path, conv_template, self.tokenizer)
         self.engine = BatchingEngine(self.model, self.tokenizer, self.context_len, max_batch_size,
@@ -83,13 +87,16 @@ def main(argv: list[str] | None = None) -> None:
                    "reuse by prompts that start the same way (0 = off)")
     p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads (default: torch's choice; "
                    "1 is often faster on a busy machine)")
+    p.add_argument("--no-prepack", action="store_true", help="keep nn.Linear's MKL GEMM on CPU instead of "
+                   "weights prepacked for oneDNN (fastchat.serve.prepack)")
     a = p.parse_args(argv)
     if a.num_threads:
         torch.set_num_threads(a.num_threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     model_path = Path(a.model_path) if a.model_path else default_model_path()
     backend = TransformersBackend(model_path, a.device, a.dtype, a.conv_template,
-                                  1 if a.no_batching else a.max_batch_size, a.context_len, a.prefix_cache_size)
+                                  1 if a.no_batching else a.max_batch_size, a.context_len, a.prefix_cache_size,
+                                  not a.no_prepack)
     names = a.model_names.split(",") if a.model_names else [model_path.name]
     worker = Worker(backend, names, a.worker_address or f"http://{a.host}:{a.port}", a.controller_address,
                     register=not a.no_register, heart_beat_interval=a.heart_beat_interval)

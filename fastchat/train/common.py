@@ -1,6 +1,8 @@
 """Flags, model loading, LoRA and saving shared by the SFT and DPO trainers."""
 from __future__ import annotations
 
+import contextlib
+import copy
 import importlib.util
 import logging
 from dataclasses import dataclass, field
@@ -57,6 +59,10 @@ class EtoTrainingArguments(transformers.TrainingArguments):
                 "over); checkpoints are written with --save_strategy steps --save_steps N"})
     keep_checkpoints: bool = field(default=False, metadata={
         "help": "keep the checkpoint-* folders once the final model is saved (default: delete them)"})
+    padding_free: bool = field(default=True, metadata={
+        "help": "pack each batch into one row without padding and compute the LM head only where a token is "
+                "supervised; --no_padding_free restores padded batches with the full-vocabulary head (same loss, "
+                "more time and memory; kept for comparison)"})
 
     def __post_init__(self):
         if self.deepspeed:
@@ -81,8 +87,44 @@ def check_deepspeed() -> None:
                          "`pip install deepspeed` on a GPU machine, or drop --deepspeed to train without it "
                          "(on CPU, plain fp32 training).")
     if not torch.cuda.is_available():
-        raise SystemExit("--deepspeed was given but no CUDA GPU is visible; DeepSpeed ZeRO needs GPUs. "
-                         "Drop --deepspeed to train on CPU.")
+        raise SystemExit("--deepspeed was given but no CUDA GPU is visible; the trainers use DeepSpeed on GPUs only "
+                         "(on CPU it gains nothing). Drop --deepspeed to train on CPU.")
+
+
+def zero3_gathered(model):
+    """Under ZeRO-3, from_pretrained shards every weight across the ranks and only a DeepSpeed engine gathers them for
+    a forward; a pass outside one (the reference log-probs before training) needs them gathered for its duration
+    (the whole model on each rank). Elsewhere a no-op. Collective: every rank must enter it."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(model.parameters()))
+
+
+def prepare_reference(ref_model, trainer: transformers.Trainer):
+    """A frozen reference model for forwards during training. Under ZeRO-3 it is sharded like the policy, so it is
+    wrapped in a DeepSpeed engine of its own (no optimizer), which gathers each layer's weights as it runs."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    ref_model.eval().requires_grad_(False)
+    if not is_deepspeed_zero3_enabled():
+        return ref_model.to(trainer.args.device)
+    import deepspeed
+
+    config = copy.deepcopy(trainer.accelerator.state.deepspeed_plugin.deepspeed_config)
+    hidden = ref_model.config.hidden_size
+    # transformers fills these "auto" sizes only when training starts; the same values it will use
+    sizes = {"reduce_bucket_size": hidden * hidden, "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+             "stage3_param_persistence_threshold": 10 * hidden}
+    for key, value in sizes.items():
+        if config["zero_optimization"].get(key) == "auto":
+            config["zero_optimization"][key] = value
+    engine, *_ = deepspeed.initialize(model=ref_model, config=config)
+    engine.eval()  # DeepSpeedEngine.eval() returns None
+    return engine
 
 
 def setup_logging(args: transformers.TrainingArguments) -> None:
@@ -106,6 +148,10 @@ def load_model(path: str, args: EtoTrainingArguments):
     """Weights in fp32 (on GPU, --bf16 autocasts; DeepSpeed keeps fp32 master weights itself)."""
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     model.config.use_cache = False
+    if args.padding_free:
+        from fastchat.train.packing import PACKED_ATTENTION
+
+        model.set_attn_implementation(PACKED_ATTENTION)
     return model
 
 

@@ -82,16 +82,26 @@ def load_sft_records(path: str | Path) -> list[dict]:
     return records
 
 
+# what a DPO-file record is: a trajectory pair, a step pair (both trained with the DPO loss, each with its own
+# weight) or an SFT sample (prompt + chosen, trained with the language-model loss)
+KINDS = ("trajectory", "step", "sft")
+SFT_KIND = KINDS.index("sft")
+
+
 def load_dpo_records(path: str | Path) -> list[dict]:
-    """Validated DPO records: {"id", "prompt": [turns], "chosen": [turns], "rejected": [turns]}."""
+    """Validated DPO records: {"id", "prompt": [turns], "chosen": [turns], "rejected": [turns]}, with an
+    optional "kind" (one of KINDS; default trajectory); an sft record has no "rejected"."""
     records = load_json_list(path)
     for i, r in enumerate(records):
         if not isinstance(r, dict):
             raise DataError(f"{path}: record {i}: expected an object, got {type(r).__name__}")
+        if r.get("kind", "trajectory") not in KINDS:
+            raise DataError(f"{_where(path, i, r)}: field 'kind' must be one of {', '.join(KINDS)}, "
+                            f"got {r.get('kind')!r}")
         prompt = _turns(path, i, r, "prompt")
         if prompt[-1]["role"] != "user":
             raise DataError(f"{_where(path, i, r)}: field 'prompt' must end with a 'human' turn")
-        for key in ("chosen", "rejected"):
+        for key in ("chosen",) if r.get("kind") == "sft" else ("chosen", "rejected"):
             if _turns(path, i, r, key)[0]["role"] != "assistant":
                 raise DataError(f"{_where(path, i, r)}: field {key!r} must start with a 'gpt' turn")
     return records
@@ -127,13 +137,14 @@ def encode_sft(records, tokenizer, template, max_length: int) -> tuple[list[dict
 
 
 def encode_dpo(records, tokenizer, template, max_length: int) -> tuple[list[dict], list[Skipped]]:
-    """Prompt + chosen and prompt + rejected, each labelled on the chosen/rejected assistant turns only."""
+    """Prompt + chosen and prompt + rejected (sft records: prompt + chosen), each labelled on the chosen/rejected
+    assistant turns only."""
     dataset, skipped = [], []
     for i, r in enumerate(records):
         prompt = turns_to_messages(r["prompt"])
-        item = {}
+        item = {"kind": KINDS.index(r.get("kind", "trajectory"))}
         try:
-            for key in ("chosen", "rejected"):
+            for key in ("chosen",) if item["kind"] == SFT_KIND else ("chosen", "rejected"):
                 enc = encode_conversation(prompt + turns_to_messages(r[key]), tokenizer, template, max_length,
                                           supervise_from=len(prompt))
                 item[f"{key}_input_ids"], item[f"{key}_labels"] = enc["input_ids"], enc["labels"]
@@ -169,39 +180,65 @@ def _pad(seqs: list[list[int]], value: int, length: int) -> torch.Tensor:
     return torch.tensor([s + [value] * (length - len(s)) for s in seqs], dtype=torch.long)
 
 
-class SFTCollator:
-    """Right-pads a batch; padding is masked out of attention and labels."""
-
-    def __init__(self, pad_token_id: int):
-        self.pad_token_id = pad_token_id
-
-    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
-        length = max(len(x["input_ids"]) for x in items)
-        ids = [x["input_ids"] for x in items]
-        return {
-            "input_ids": _pad(ids, self.pad_token_id, length),
-            "attention_mask": _pad([[1] * len(s) for s in ids], 0, length),
-            "labels": _pad([x["labels"] for x in items], IGNORE_INDEX, length),
-        }
+def pack(sequences: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
+    """(input_ids, labels) pairs laid end to end in one padding-free row: input_ids, position_ids (restarting at 0
+    for each sequence), labels, and shift_labels (each position's next-token label within its own sequence, -100
+    at a sequence's last token, so nothing is predicted across a boundary)."""
+    ids, pos, labels, shift = [], [], [], []
+    for seq_ids, seq_labels in sequences:
+        ids += seq_ids
+        pos += range(len(seq_ids))
+        labels += seq_labels
+        shift += seq_labels[1:] + [IGNORE_INDEX]
+    return {k: torch.tensor([v], dtype=torch.long) for k, v in
+            (("input_ids", ids), ("position_ids", pos), ("labels", labels), ("shift_labels", shift))}
 
 
-class DPOCollator:
-    """Stacks chosen (first half) and rejected (second half) sequences, padded to one length,
-    so both go through the model in a single forward pass."""
+class _Collator:
+    """Padded batches ([sequences, longest], padding masked out of attention and labels) or, with packed=True,
+    one padding-free row (`pack`). Counts the tokens it hands out: real ones and those computed (with padding)."""
 
-    def __init__(self, pad_token_id: int):
-        self.pad_token_id = pad_token_id
+    def __init__(self, pad_token_id: int, packed: bool = False):
+        self.pad_token_id, self.packed = pad_token_id, packed
+        self.real_tokens = self.computed_tokens = 0
 
-    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
-        ids = [x["chosen_input_ids"] for x in items] + [x["rejected_input_ids"] for x in items]
-        labels = [x["chosen_labels"] for x in items] + [x["rejected_labels"] for x in items]
+    def _collate(self, ids: list[list[int]], labels: list[list[int]]) -> dict[str, torch.Tensor]:
+        self.real_tokens += sum(len(s) for s in ids)
+        if self.packed:
+            self.computed_tokens += sum(len(s) for s in ids)
+            return pack(list(zip(ids, labels)))
         length = max(len(s) for s in ids)
-        batch = {
+        self.computed_tokens += length * len(ids)
+        return {
             "input_ids": _pad(ids, self.pad_token_id, length),
             "attention_mask": _pad([[1] * len(s) for s in ids], 0, length),
             "labels": _pad(labels, IGNORE_INDEX, length),
         }
-        if "ref_chosen_logps" in items[0]:
+
+    def padding_stats(self) -> dict[str, float]:
+        padding = self.computed_tokens - self.real_tokens
+        return {"real_tokens": self.real_tokens, "computed_tokens": self.computed_tokens,
+                "padding_fraction": padding / self.computed_tokens if self.computed_tokens else 0.0}
+
+
+class SFTCollator(_Collator):
+    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        return self._collate([x["input_ids"] for x in items], [x["labels"] for x in items])
+
+
+class DPOCollator(_Collator):
+    """Every item's chosen sequence first, then the rejected sequences of the pairs (sft items have none), so all
+    go through the model in a single forward pass. `kinds` (index in KINDS) and `sft_tokens` (supervised tokens
+    of each chosen sequence) say how the trainer weighs each item."""
+
+    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        pairs = [x for x in items if x.get("kind", 0) != SFT_KIND]
+        batch = self._collate([x["chosen_input_ids"] for x in items] + [x["rejected_input_ids"] for x in pairs],
+                              [x["chosen_labels"] for x in items] + [x["rejected_labels"] for x in pairs])
+        batch["kinds"] = torch.tensor([x.get("kind", 0) for x in items], dtype=torch.long)
+        batch["sft_tokens"] = torch.tensor([sum(t != IGNORE_INDEX for t in x["chosen_labels"][1:]) for x in items],
+                                           dtype=torch.float32)
+        if "ref_chosen_logps" in items[0]:  # sft items: a placeholder, never used
             batch["ref_chosen_logps"] = torch.tensor([x["ref_chosen_logps"] for x in items], dtype=torch.float32)
-            batch["ref_rejected_logps"] = torch.tensor([x["ref_rejected_logps"] for x in items], dtype=torch.float32)
+            batch["ref_rejected_logps"] = torch.tensor([x["ref_rejected_logps"] for x in pairs], dtype=torch.float32)
         return batch

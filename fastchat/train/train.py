@@ -23,6 +23,22 @@ from fastchat.train.common import (DataArguments, EtoTrainingArguments, ModelArg
                                    load_tokenizer_and_template, logger, remove_checkpoints, save_trained, setup_logging,
                                    train_resuming, write_summary)
 from fastchat.train.data import DataError, SFTCollator, encode_sft, load_sft_records, report_skipped
+from fastchat.train.packing import supervised_token_logps
+
+
+class PackedSFTTrainer(Trainer):
+    """Loss from packed batches with the LM head at supervised positions only: the value transformers' causal-LM
+    loss gives on the padded batch (a sum over supervised tokens / their count in the accumulated batch)."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        logps, _ = supervised_token_logps(model, inputs)
+        if num_items_in_batch is None:
+            loss = -logps.mean()
+        else:
+            loss = -logps.sum() / num_items_in_batch
+            if self.args.average_tokens_across_devices:  # the count covers every rank; DDP averages gradients
+                loss = loss * self.accelerator.num_processes
+        return (loss, {}) if return_outputs else loss
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -51,8 +67,10 @@ def main(argv: list[str] | None = None) -> None:
     model = load_model(model_args.model_name_or_path, args)
     if model_args.lora:
         model = apply_lora(model, model_args, args)
-    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=SFTCollator(tokenizer.pad_token_id),
-                      processing_class=tokenizer)
+    collator = SFTCollator(tokenizer.pad_token_id, packed=args.padding_free)
+    trainer_class = PackedSFTTrainer if args.padding_free else Trainer
+    trainer = trainer_class(model=model, args=args, train_dataset=dataset, data_collator=collator,
+                            processing_class=tokenizer)
     result = train_resuming(trainer, args)
     trainer.save_state()
     save_trained(trainer, tokenizer, template, model_args, args.output_dir)
@@ -60,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     if trainer.is_world_process_zero():
         write_summary(args.output_dir, samples=len(dataset), tokens_per_epoch=n_tok, supervised_tokens=n_sup,
                       epochs=args.num_train_epochs, train_runtime_s=result.metrics.get("train_runtime"),
-                      train_loss=result.training_loss)
+                      train_loss=result.training_loss, padding_free=args.padding_free, **collator.padding_stats())
     logger.info("done: train_loss=%.4f in %.1fs", result.training_loss, result.metrics.get("train_runtime", 0.0))
 
 

@@ -13,6 +13,11 @@ starting policy (or --ref_model_name_or_path). With --precompute_ref_logps its l
 computed once before training and no reference model is kept in memory; without it, a frozen
 copy is kept (with --lora, the policy with its adapter switched off serves as reference).
 Chosen and rejected sequences of a batch go through the model in one forward pass.
+
+Records may carry a "kind": "trajectory" (default), "step" (IPR-style step pairs, whose prompt runs on into the
+expert's first steps) or "sft" (prompt + chosen, no rejected). The loss is trajectory_weight x the mean DPO loss
+of the batch's trajectory pairs + step_weight x that of its step pairs + sft_weight x the mean per-token
+negative log-likelihood of its SFT samples; each part is logged (loss/trajectory, loss/step, loss/sft).
 """
 from __future__ import annotations
 
@@ -28,9 +33,11 @@ import transformers
 from transformers import HfArgumentParser, Trainer
 
 from fastchat.train.common import (DataArguments, EtoTrainingArguments, ModelArguments, apply_lora, load_model,
-                                   load_tokenizer_and_template, logger, remove_checkpoints, save_trained, setup_logging,
-                                   train_resuming, write_summary)
-from fastchat.train.data import IGNORE_INDEX, DataError, DPOCollator, encode_dpo, load_dpo_records, report_skipped
+                                   load_tokenizer_and_template, logger, prepare_reference, remove_checkpoints,
+                                   save_trained, setup_logging, train_resuming, write_summary, zero3_gathered)
+from fastchat.train.data import (IGNORE_INDEX, KINDS, SFT_KIND, DataError, DPOCollator, encode_dpo, load_dpo_records,
+                                 report_skipped)
+from fastchat.train.packing import packed_sequence_logps
 
 
 @dataclass
@@ -44,16 +51,53 @@ class DPOTrainingArguments(EtoTrainingArguments):
         "help": "reference model (default: the starting policy, --model_name_or_path)"})
     disable_dropout: bool = field(default=True, metadata={
         "help": "turn dropout off so policy and reference log-probs are comparable (--no_disable_dropout keeps it)"})
+    trajectory_weight: float = field(default=1.0, metadata={"help": "weight of the DPO loss on trajectory pairs"})
+    step_weight: float = field(default=1.0, metadata={
+        "help": "weight of the DPO loss on step pairs (records with \"kind\": \"step\")"})
+    sft_weight: float = field(default=1.0, metadata={
+        "help": "weight of the language-model loss on SFT samples (records with \"kind\": \"sft\")"})
+
+    def loss_weights(self) -> dict[str, float]:
+        return {"trajectory": self.trajectory_weight, "step": self.step_weight, "sft": self.sft_weight}
 
 
 def sequence_logps(model, input_ids, attention_mask, labels) -> torch.Tensor:
-    """Per sequence, the summed log-probability of the supervised (label != -100) tokens."""
+    """Per sequence of a padded batch, the summed log-probability of the supervised (label != -100) tokens, from
+    the full-vocabulary logits (--no_padding_free)."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1].float()
     targets = labels[:, 1:]
     mask = targets != IGNORE_INDEX
     # gather minus logsumexp: the same as log_softmax, without keeping a second vocabulary-sized tensor
     token_logps = torch.gather(logits, 2, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
     return (token_logps * mask).sum(-1)
+
+
+def batch_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed supervised log-probabilities of a DPOCollator batch: chosen sequences, then rejected ones."""
+    if "position_ids" in batch:  # packed: no padding, head at supervised positions only
+        return packed_sequence_logps(model, batch)
+    return sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+
+
+def split_logps(logps: torch.Tensor, kinds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A DPOCollator batch's log-probs as (every item's chosen sequence, the pairs' rejected sequences)."""
+    return logps[: kinds.shape[0]], logps[kinds.shape[0]:]
+
+
+def kind_losses(pair_losses: torch.Tensor, kinds: torch.Tensor, chosen_logps: torch.Tensor,
+                sft_tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The mean loss of each kind present in the batch: DPO over its trajectory pairs, over its step pairs, and
+    the language-model loss (mean negative log-likelihood per supervised token) over its SFT samples."""
+    parts = {}
+    pair_kinds = kinds[kinds != SFT_KIND]
+    for index, name in enumerate(KINDS):
+        if name == "sft":
+            mask = kinds == index
+            if mask.any():
+                parts[name] = (-chosen_logps[mask] / sft_tokens[mask].clamp(min=1)).mean()
+        elif (pair_kinds == index).any():
+            parts[name] = pair_losses[pair_kinds == index].mean()
+    return parts
 
 
 def dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta: float):
@@ -81,22 +125,26 @@ def precompute_reference_logps(ref_model, dataset: list[dict], collator, batch_s
         items = dataset[start:start + batch_size]
         batch = {k: v.to(device) for k, v in collator(items).items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logps = sequence_logps(ref_model, batch["input_ids"], batch["attention_mask"], batch["labels"])
-        logps = logps.cpu().tolist()
-        for i, item in enumerate(items):
-            item["ref_chosen_logps"], item["ref_rejected_logps"] = logps[i], logps[len(items) + i]
+            logps = batch_logps(ref_model, batch)
+        chosen, rejected = split_logps(logps, batch["kinds"])
+        rejected = iter(rejected.cpu().tolist())
+        for item, value in zip(items, chosen.cpu().tolist()):
+            item["ref_chosen_logps"] = value
+            if item.get("kind", 0) != SFT_KIND:
+                item["ref_rejected_logps"] = next(rejected)
     ref_model.train(was_training)
 
 
 class DPOTrainer(Trainer):
-    """transformers Trainer with the DPO loss; batches come from DPOCollator (chosen half, rejected half)."""
+    """transformers Trainer with the DPO loss on trajectory and step pairs and the language-model loss on SFT
+    samples, weighted per kind (--trajectory_weight, --step_weight, --sft_weight); batches come from
+    DPOCollator."""
 
     def __init__(self, *args, beta: float, ref_model=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.beta = beta
-        self.ref_model = ref_model
-        if ref_model is not None:
-            ref_model.eval().requires_grad_(False).to(self.args.device)
+        self.loss_weights = self.args.loss_weights()
+        self.ref_model = None if ref_model is None else prepare_reference(ref_model, self)
         # our loss is a mean over pairs: let Trainer divide it for gradient accumulation
         self.model_accepts_loss_kwargs = False
         self._metrics: dict[str, list[float]] = defaultdict(list)
@@ -105,33 +153,39 @@ class DPOTrainer(Trainer):
     def _reference_logps(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
         if "ref_chosen_logps" in inputs:
             return inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
-        args = (inputs["input_ids"], inputs["attention_mask"], inputs["labels"])
         if self.ref_model is not None:
-            logps = sequence_logps(self.ref_model, *args)
+            logps = batch_logps(self.ref_model, inputs)
         else:  # LoRA: the policy with its adapter switched off is the starting policy
             with self.accelerator.unwrap_model(model).disable_adapter():
-                logps = sequence_logps(model, *args)
-        n = logps.shape[0] // 2
-        return logps[:n], logps[n:]
+                logps = batch_logps(model, inputs)
+        return split_logps(logps, inputs["kinds"])
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        logps = sequence_logps(model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"])
-        n = logps.shape[0] // 2
-        chosen, rejected = logps[:n], logps[n:]
+        chosen_all, rejected = split_logps(batch_logps(model, inputs), inputs["kinds"])
+        kinds = inputs["kinds"]
+        pairs = kinds != SFT_KIND
+        chosen = chosen_all[pairs]
         ref_chosen, ref_rejected = self._reference_logps(model, inputs)
-        losses, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, ref_chosen.to(chosen.dtype),
+        losses, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, ref_chosen[pairs].to(chosen.dtype),
                                                             ref_rejected.to(chosen.dtype), self.beta)
-        loss = losses.mean()
-        metrics = {
-            "rewards/chosen": chosen_rewards, "rewards/rejected": rejected_rewards,
-            "rewards/margins": chosen_rewards - rejected_rewards,
-            "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
-            "logps/chosen": chosen, "logps/rejected": rejected,
-        }
+        parts = kind_losses(losses, kinds, chosen_all, inputs["sft_tokens"])
+        loss = sum(self.loss_weights[k] * v for k, v in parts.items())
+        pair_metrics = {"rewards/chosen": chosen_rewards, "rewards/rejected": rejected_rewards,
+                        "rewards/margins": chosen_rewards - rejected_rewards,
+                        "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
+                        "logps/chosen": chosen, "logps/rejected": rejected}
+        # each kind's loss before its weight; NaN where this batch has none of that kind (or no pair)
+        nan = loss.new_tensor(float("nan"))
+        means = {**{f"loss/{k}": parts.get(k, nan) for k in KINDS},
+                 **{k: v.mean() if v.numel() else nan for k, v in pair_metrics.items()}}
         if model.training:
-            for k, v in metrics.items():
-                self._metrics[k].append(self.accelerator.gather_for_metrics(v.detach()).mean().item())
-        return (loss, metrics) if return_outputs else loss
+            # one gather of a fixed-size vector: every rank makes the same collective call, whatever its batch holds
+            values = self.accelerator.gather(torch.stack(list(means.values())).detach()[None])
+            for k, column in zip(means, values.float().T):
+                column = column[~column.isnan()]
+                if column.numel():
+                    self._metrics[k].append(column.mean().item())
+        return (loss, {**pair_metrics, **{f"loss/{k}": v for k, v in parts.items()}}) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._metrics:
@@ -166,10 +220,12 @@ def main(argv: list[str] | None = None) -> None:
         report_skipped(args.output_dir, data_args.data_path, len(records), skipped, log=logger.info)
     if not dataset:
         raise SystemExit(f"{data_args.data_path}: no usable pair (see {args.output_dir}/skipped_samples.json)")
-    n_tok = sum(len(x["chosen_input_ids"]) + len(x["rejected_input_ids"]) for x in dataset)
-    logger.info("DPO on %d pairs, %d tokens (chosen + rejected), beta=%g", len(dataset), n_tok, args.beta)
+    n_tok = sum(len(x["chosen_input_ids"]) + len(x.get("rejected_input_ids", ())) for x in dataset)
+    kind_counts = {name: sum(x["kind"] == i for x in dataset) for i, name in enumerate(KINDS)}
+    logger.info("DPO on %d records %s, %d tokens (chosen + rejected), beta=%g, loss weights %s", len(dataset),
+                kind_counts, n_tok, args.beta, args.loss_weights())
 
-    collator = DPOCollator(tokenizer.pad_token_id)
+    collator = DPOCollator(tokenizer.pad_token_id, packed=args.padding_free)
     model = load_model(model_args.model_name_or_path, args)
     if args.disable_dropout:
         disable_dropout(model)
@@ -177,8 +233,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.precompute_ref_logps:
         start = time.perf_counter()
         ref = load_model(args.ref_model_name_or_path, args) if args.ref_model_name_or_path else model
-        precompute_reference_logps(ref.to(args.device), dataset, collator, args.per_device_train_batch_size,
-                                   args.device, bf16=args.bf16)
+        ref_collator = DPOCollator(tokenizer.pad_token_id, packed=args.padding_free)  # `collator` counts training only
+        with zero3_gathered(ref):
+            precompute_reference_logps(ref.to(args.device), dataset, ref_collator, args.per_device_train_batch_size,
+                                       args.device, bf16=args.bf16)
         if ref is not model:
             _free(ref)
         ref = None
@@ -200,7 +258,9 @@ def main(argv: list[str] | None = None) -> None:
     if trainer.is_world_process_zero():
         write_summary(args.output_dir, pairs=len(dataset), tokens_per_epoch=n_tok, epochs=args.num_train_epochs,
                       train_runtime_s=result.metrics.get("train_runtime"), precompute_s=precompute_s,
-                      precompute_ref_logps=args.precompute_ref_logps, train_loss=result.training_loss)
+                      precompute_ref_logps=args.precompute_ref_logps, train_loss=result.training_loss,
+                      padding_free=args.padding_free, kinds=kind_counts, loss_weights=args.loss_weights(),
+                      **collator.padding_stats())
     logger.info("done: train_loss=%.4f in %.1fs", result.training_loss, result.metrics.get("train_runtime", 0.0))
 
 

@@ -1,0 +1,149 @@
+"""Training throughput against this machine's compute limit, padding and peak memory: SFT and DPO, padded
+(the original computation, --no_padding_free) and padding-free with the supervised-only head (the default).
+
+    python bench/bench_train.py                    # default model, ScienceWorld expert trajectories
+    python bench/bench_train.py --runs sft_packed dpo_packed --samples 4
+
+Each run is `python -m fastchat.train.train[_dpo]` in its own process (so its peak RSS is its own) on the first
+--samples records of --data in file order (`--train_sampling_strategy sequential`: every setting sees the same
+batches; the default 8 records include a 2 x 2,048-token batch). DPO pairs are built from the same records: the
+prompt and expert trajectory of record i as chosen, the trajectory of record i+1 as rejected. Right before each run
+bench/roofline.py measures the fp32 matmul throughput in this process, and the run's training tokens/s (real
+tokens, padding not counted) is reported as a fraction of the compute limit: 6 FLOP per parameter per token at the
+highest matmul throughput measured during the benchmark (once more after the last run; other load can only lower
+a measurement). The load average before and after each run is recorded: on a shared machine it moves every
+number. Writes bench/results/train.json (after every run, so a partial run keeps what it measured).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+import roofline  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+RUNS = {  # name: (trainer module, flags)
+    "sft_padded": ("fastchat.train.train", ["--no_padding_free"]),
+    "sft_packed": ("fastchat.train.train", []),
+    "sft_packed_checkpointing": ("fastchat.train.train", ["--gradient_checkpointing"]),
+    "dpo_padded": ("fastchat.train.train_dpo", ["--no_padding_free", "--precompute_ref_logps"]),
+    "dpo_packed": ("fastchat.train.train_dpo", ["--precompute_ref_logps"]),
+}
+
+
+def _trajectory(turns: list[dict]) -> list[dict]:
+    """The turns after the task (instruction, "OK", task), up to the last gpt turn."""
+    rest = turns[3:]
+    last_gpt = max(i for i, t in enumerate(rest) if t["from"] == "gpt")
+    return rest[:last_gpt + 1]
+
+
+def dpo_pairs(records: list[dict]) -> list[dict]:
+    return [{"id": f"bench-{i}", "prompt": r["conversations"][:3], "chosen": _trajectory(r["conversations"]),
+             "rejected": _trajectory(records[(i + 1) % len(records)]["conversations"])}
+            for i, r in enumerate(records)]
+
+
+def run(name: str, model: str, data: Path, out: Path, args) -> dict:
+    module, flags = RUNS[name]
+    limits = roofline.measure(args.threads, model)  # right before the run, under the load it will meet
+    cmd = [sys.executable, "-m", module, "--model_name_or_path", model, "--data_path", str(data),
+           "--output_dir", str(out), "--per_device_train_batch_size",
+           str(args.dpo_batch if name.startswith("dpo") else args.batch),
+           "--model_max_length", str(args.max_length), "--num_train_epochs", "1", "--learning_rate", "1e-5",
+           "--train_sampling_strategy", "sequential", "--logging_steps", "1", "--disable_tqdm", "true",
+           "--seed", "0", *flags]
+    load_before = os.getloadavg()
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
+    s = json.loads((out / "train_summary.json").read_text())
+    log = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    return {
+        "run": name, "command": " ".join(cmd[1:]), "padding_free": s["padding_free"],
+        "real_tokens": s["real_tokens"], "computed_tokens": s["computed_tokens"],
+        "padding_fraction": round(s["padding_fraction"], 4), "train_s": round(s["train_runtime_s"], 1),
+        "precompute_s": round(s.get("precompute_s", 0.0), 1), "wall_s": round(wall, 1),
+        "tokens_per_s": round(s["real_tokens"] / s["train_runtime_s"], 1), "peak_rss_mib": round(s["peak_rss_mib"]),
+        "step_losses": [round(h["loss"], 5) for h in log if "loss" in h],
+        "roofline": limits, "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+    }
+
+
+def add_limit(result: dict) -> None:
+    """Each run's tokens/s as a fraction of the compute limit at the best matmul throughput measured so far."""
+    measured = [r["roofline"] for r in result["runs"]] + [result.get("roofline_after")]
+    best = max((m for m in measured if m), key=lambda m: m["matmul_gflops"])
+    result["limit"] = {"matmul_gflops": best["matmul_gflops"], "memory_gbs": best["memory_gbs"],
+                       "train_tokens_per_s": round(roofline.train_limit(best), 1)}
+    for r in result["runs"]:
+        r["fraction_of_limit"] = round(r["tokens_per_s"] / result["limit"]["train_tokens_per_s"], 3)
+
+
+def write(result: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json.tmp").write_text(json.dumps(result, indent=2))
+    os.replace(out.with_suffix(".json.tmp"), out)
+
+
+def table(rows: list[dict]) -> str:
+    lines = [f"{'run':<26}{'tokens':>8}{'padding':>9}{'tok/s':>8}{'of limit':>10}{'peak RSS MiB':>14}"
+             f"{'load':>6}"]
+    for r in rows:
+        lines.append(f"{r['run']:<26}{r['real_tokens']:>8}{r['padding_fraction']:>9.1%}{r['tokens_per_s']:>8.1f}"
+                     f"{r['fraction_of_limit']:>10.1%}{r['peak_rss_mib']:>14}{r['loadavg_before'][0]:>6.1f}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="model folder (default: the embedded default model)")
+    p.add_argument("--data", type=Path, default=ROOT / "data" / "sciworld_study_sft.json")
+    p.add_argument("--samples", type=int, default=8, help="SFT records (DPO: pairs) used, in file order")
+    p.add_argument("--batch", type=int, default=2, help="SFT sequences per step")
+    p.add_argument("--dpo_batch", type=int, default=1, help="DPO pairs per step (2 sequences each)")
+    p.add_argument("--max_length", type=int, default=2048)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS))
+    p.add_argument("--out", type=Path, default=RESULTS / "train.json")
+    args = p.parse_args()
+    if args.model is None:
+        from fastchat.constants import default_model_path
+
+        args.model = str(default_model_path())
+
+    records = json.loads(args.data.read_text())[:args.samples]
+    result = {"model": args.model, "data": str(args.data), "args": {k: str(v) for k, v in vars(args).items()},
+              "runs": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        sft, dpo = tmp / "sft.json", tmp / "pairs.json"
+        sft.write_text(json.dumps(records))
+        dpo.write_text(json.dumps(dpo_pairs(records)))
+        for name in args.runs:
+            result["runs"].append(run(name, args.model, dpo if name.startswith("dpo") else sft, tmp / name, args))
+            add_limit(result)
+            print(table(result["runs"][-1:]).splitlines()[-1], flush=True)
+            write(result, args.out)
+    result["roofline_after"] = roofline.measure(args.threads, args.model)
+    add_limit(result)
+    write(result, args.out)
+    print(table(result["runs"]))
+    print(f"compute limit: {result['limit']['train_tokens_per_s']} tokens/s "
+          f"({result['limit']['matmul_gflops']} GFLOP/s fp32 matmul, best of the run); written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
