@@ -182,10 +182,12 @@ def test_global_batch_gives_the_originals_accumulation(tmp_path, gpus, sft_accum
 
 def test_pair_stage_applies_the_task_rule(tmp_path):
     _, pipeline = _pipeline(tmp_path)
-    (tmp_path / "pairs.json").write_text("[]")  # what the (not run) pair builder would write, and its log
-    (pipeline.logs / "pairs_iter1.log").write_text("win 0 / tie 3 / lose 0 (agent vs expert)\n")
-    assert pipeline.pairs("pairs_iter1", tmp_path / "explore", tmp_path / "pairs.json") == {"pairs": 0, "agent_wins": 0, "ties": 3,
-                                                                                         "agent_loses": 0}
+    # what the (not run) pair builder would write: the pairs and their counts beside them
+    (tmp_path / "pairs.json").write_text("[]")
+    counts = {"rule": "expert", "pairs": 0, "win": 0, "tie": 3, "lose": 0, "no_expert": 0, "incomplete": 0}
+    (tmp_path / "pairs.stats.json").write_text(json.dumps(counts))
+    assert pipeline.pairs("pairs_iter1", tmp_path / "explore", tmp_path / "pairs.json") == counts
+    assert _flag(pipeline.commands["pairs_iter1"], "--rule") == "expert"
     assert _flag(pipeline.commands["pairs_iter1"], "--task") == "webshop"
 
 
