@@ -98,6 +98,15 @@ def run_level(controller: str, model: str, prompts: list[str], new_tokens: int) 
     return wall, sum(o["usage"]["completion_tokens"] for o in outs), [o["text"] for o in outs]
 
 
+def engine_stats(worker: str) -> dict:
+    """The worker engine's counters (prefill/decode tokens and seconds, prefix tokens reused)."""
+    return requests.post(worker + "/worker_get_status", timeout=10).json()["stats"]
+
+
+def delta(after: dict, before: dict) -> dict:
+    return {k: round(after[k] - before[k], 2) for k in after if k != "max_batch"}
+
+
 def run_episodes(controller: str, model: str, n: int, concurrency: int, out_dir: Path) -> float | None:
     """Episodes per hour of a few short ALFWorld episodes through eval_agent.main (if it is available)."""
     cmd = [sys.executable, "-m", "eval_agent.main", "--agent_config", "fastchat", "--model_name", model,
@@ -137,9 +146,11 @@ def main() -> None:
     controller = f"http://127.0.0.1:{cport}"
     procs = [subprocess.Popen([sys.executable, "-m", "fastchat.serve.controller", "--port", str(cport)],
                               stdout=(logs / "controller.log").open("w"), stderr=subprocess.STDOUT, env=env)]
+    workers = {}
     try:
         for mode, flags in MODES.items():
             port = free_port()
+            workers[mode] = f"http://127.0.0.1:{port}"
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "fastchat.serve.model_worker", "--model-path", str(model_path),
                  "--model-names", mode, "--port", str(port), "--controller-address", controller,
@@ -157,13 +168,16 @@ def main() -> None:
             row = {"concurrency": c, "requests": len(batch), "new_tokens": a.new_tokens}
             texts = {}
             for mode in MODES:
+                before = engine_stats(workers[mode])
                 wall, tokens, texts[mode] = run_level(controller, mode, batch, a.new_tokens)
                 limit = roofline.decode_limit(limits, min(c, MAX_BATCH) if mode == "batched" else 1)
+                after = engine_stats(workers[mode])
                 row[mode] = {"seconds": round(wall, 2), "tokens": tokens, "tokens_per_s": round(tokens / wall, 2),
-                             "fraction_of_limit": round(tokens / wall / limit, 3)}
+                             "fraction_of_limit": round(tokens / wall / limit, 3), "engine": delta(after, before)}
                 if a.episodes:
                     eph = run_episodes(controller, mode, a.episodes, c, logs / f"episodes_{mode}_{c}")
                     row[mode]["episodes_per_hour"] = round(eph, 1) if eph else None
+                    row[mode]["episodes_engine"] = delta(engine_stats(workers[mode]), after)
             row["speedup"] = round(row["batched"]["tokens_per_s"] / row["one-at-a-time"]["tokens_per_s"], 2)
             if a.episodes and row["batched"]["episodes_per_hour"] and row["one-at-a-time"]["episodes_per_hour"]:
                 row["episodes_speedup"] = round(row["batched"]["episodes_per_hour"] /

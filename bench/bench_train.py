@@ -11,8 +11,9 @@ prompt and expert trajectory of record i as chosen, the trajectory of record i+1
 bench/roofline.py measures the fp32 matmul throughput in this process, and the run's training tokens/s (real
 tokens, padding not counted) is reported as a fraction of the compute limit: 6 FLOP per parameter per token at the
 highest matmul throughput measured during the benchmark (once more after the last run; other load can only lower
-a measurement). The load average before and after each run is recorded: on a shared machine it moves every
-number. Writes bench/results/train.json (after every run, so a partial run keeps what it measured).
+a measurement). On a shared machine other load slows every run, so each is also reported by CPU time: tokens per
+second of the run's CPU time divided by --threads (the rate it would have with the cores to itself, if its threads
+scale). The load average before and after each run is recorded. Writes bench/results/train.json (after every run, so a partial run keeps what it measured).
 """
 from __future__ import annotations
 
@@ -76,7 +77,9 @@ def run(name: str, model: str, data: Path, out: Path, args) -> dict:
         "real_tokens": s["real_tokens"], "computed_tokens": s["computed_tokens"],
         "padding_fraction": round(s["padding_fraction"], 4), "train_s": round(s["train_runtime_s"], 1),
         "precompute_s": round(s.get("precompute_s", 0.0), 1), "wall_s": round(wall, 1),
-        "tokens_per_s": round(s["real_tokens"] / s["train_runtime_s"], 1), "peak_rss_mib": round(s["peak_rss_mib"]),
+        "tokens_per_s": round(s["real_tokens"] / s["train_runtime_s"], 1), "train_cpu_s": round(s["train_cpu_s"], 1),
+        "cpu_tokens_per_s": round(s["real_tokens"] / (s["train_cpu_s"] / args.threads), 1),
+        "peak_rss_mib": round(s["peak_rss_mib"]),
         "step_losses": [round(h["loss"], 5) for h in log if "loss" in h],
         "roofline": limits, "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
     }
@@ -90,6 +93,7 @@ def add_limit(result: dict) -> None:
                        "train_tokens_per_s": round(roofline.train_limit(best), 1)}
     for r in result["runs"]:
         r["fraction_of_limit"] = round(r["tokens_per_s"] / result["limit"]["train_tokens_per_s"], 3)
+        r["cpu_fraction_of_limit"] = round(r["cpu_tokens_per_s"] / result["limit"]["train_tokens_per_s"], 3)
 
 
 def write(result: dict, out: Path) -> None:
@@ -99,11 +103,12 @@ def write(result: dict, out: Path) -> None:
 
 
 def table(rows: list[dict]) -> str:
-    lines = [f"{'run':<26}{'tokens':>8}{'padding':>9}{'tok/s':>8}{'of limit':>10}{'peak RSS MiB':>14}"
-             f"{'load':>6}"]
+    lines = [f"{'run':<26}{'tokens':>8}{'padding':>9}{'tok/s':>8}{'of limit':>10}{'by CPU time':>12}{'of limit':>10}"
+             f"{'peak RSS MiB':>14}{'load':>6}"]
     for r in rows:
         lines.append(f"{r['run']:<26}{r['real_tokens']:>8}{r['padding_fraction']:>9.1%}{r['tokens_per_s']:>8.1f}"
-                     f"{r['fraction_of_limit']:>10.1%}{r['peak_rss_mib']:>14}{r['loadavg_before'][0]:>6.1f}")
+                     f"{r['fraction_of_limit']:>10.1%}{r['cpu_tokens_per_s']:>12.1f}{r['cpu_fraction_of_limit']:>10.1%}"
+                     f"{r['peak_rss_mib']:>14}{r['loadavg_before'][0]:>6.1f}")
     return "\n".join(lines)
 
 

@@ -162,6 +162,22 @@ def test_prefix_cache_reuse_gives_the_same_output(backend):
     assert with_cache["text"] == without["text"] and with_cache["usage"] == without["usage"]
 
 
+def test_next_turn_reuses_the_previous_answer(backend):
+    """A finished request's prompt and answer stay cached: the agent's next prompt repeats both."""
+    from fastchat.serve.engine import BatchingEngine
+
+    first = PROMPTS[3]  # its answer's text tokenizes back to the generated tokens (not so for every random answer)
+    answer = run(backend, greedy(first, 12))[0]["text"]
+    follow_up = first + answer + "<|im_end|>\n<|im_start|>user\nYou see a table 1.<|im_end|>\n<|im_start|>assistant\n"
+    reused = backend.engine.stats["prefix_tokens_reused"]
+    with_cache = run(backend, greedy(follow_up, 16))[0]
+    assert backend.engine.stats["prefix_tokens_reused"] - reused > backend.count_tokens(first) + 4
+    fresh = BatchingEngine(backend.model, backend.tokenizer, 256, prefix_cache_size=0)
+    without = list(fresh.generate_stream(greedy(follow_up, 16)))[-1]
+    fresh.close()
+    assert with_cache["text"] == without["text"] and with_cache["usage"] == without["usage"]
+
+
 def test_rows_moving_and_cache_growth_keep_greedy_output(backend, monkeypatch):
     """Requests queue for 3 rows, finish at different steps (later rows move into freed ones, newcomers take the
     rest) and the preallocated KV cache grows several times: each output is still the one-at-a-time output."""

@@ -123,6 +123,7 @@ def test_no_vocabulary_sized_activation_is_kept(tiny_model_dir, tmp_path):
 
 
 def test_cli_padding_free_and_original_paths_log_the_same_losses(tiny_model_dir, tmp_path):
+    """Whole steps (2 accumulated batches, so the loss is normalised by their joint supervised-token count)."""
     from test_train_sft import sft_main, sft_records
 
     data = sft_records(6)
@@ -130,7 +131,8 @@ def test_cli_padding_free_and_original_paths_log_the_same_losses(tiny_model_dir,
     for flag in ("--padding_free", "--no_padding_free"):
         (tmp_path / flag[2:]).mkdir()
         out = sft_main(tmp_path / flag[2:], tiny_model_dir, "--max_steps", "3", "--logging_steps", "1",
-                       "--learning_rate", "3e-3", "--per_device_train_batch_size", "3", flag, data=data)
+                       "--learning_rate", "3e-3", "--per_device_train_batch_size", "3",
+                       "--gradient_accumulation_steps", "2", flag, data=data)
         log = json.loads((out / "trainer_state.json").read_text())["log_history"]
         runs[flag] = ([h["loss"] for h in log if "loss" in h], json.loads((out / "train_summary.json").read_text()))
         assert "packed_sdpa" not in (out / "config.json").read_text()  # saved models load with stock attention

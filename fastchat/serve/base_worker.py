@@ -52,7 +52,10 @@ class Worker:
         self.register = register
 
     def status(self) -> dict:
-        return {"model_names": self.model_names, "speed": 1, "queue_length": self.backend.queue_length()}
+        status = {"model_names": self.model_names, "speed": 1, "queue_length": self.backend.queue_length()}
+        if hasattr(self.backend, "stats"):  # ours: engine counters (prefill/decode tokens and seconds)
+            status["stats"] = self.backend.stats()
+        return status
 
     # ---- controller registration ------------------------------------------------------------
     def register_to_controller(self) -> None:

@@ -7,10 +7,13 @@ cache (fastchat.serve.kv_cache), then runs one decode forward pass for every
 running sequence together. Finished sequences leave the batch at once.
 Positions come from each row's own length, and the attention mask shows each
 row only its own tokens, so a row's greedy output does not depend on its
-neighbours. `max_batch_size=1` gives one-request-at-a-time serving.
-The KV caches of the last few prompts are kept, and a new prompt starting with
-one of them (an agent's next turn, or another episode with the same
-instruction) prefills only the tokens after the shared prefix.
+neighbours (up to float rounding: some kernels sum in a different order for
+another batch size, ~1e-5 in the logits; greedy texts are tested equal).
+`max_batch_size=1` gives one-request-at-a-time serving.
+The KV caches of the last few prompts are kept (with its answer once a request
+finishes), and a new prompt starting with one of them (an agent's next turn, or
+another episode with the same instruction) prefills only the tokens after the
+shared prefix.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -136,8 +140,8 @@ class BatchingEngine:
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closed = False
-        self.stats = {"prefills": 0, "decode_steps": 0, "decoded_tokens": 0, "max_batch": 0,
-                      "prefix_tokens_reused": 0}
+        self.stats = {"prefills": 0, "prefill_tokens": 0, "prefix_tokens_reused": 0, "prefill_seconds": 0.0,
+                      "decode_steps": 0, "decoded_tokens": 0, "decode_seconds": 0.0, "max_batch": 0}
         self.prefix_cache_size = prefix_cache_size
         self._prefixes: list[tuple[list[int], list]] = []  # (prompt ids, per-layer (keys, values)), LRU last
 
@@ -246,13 +250,17 @@ class BatchingEngine:
                     newcomers.append(self._waiting.popleft())
             try:
                 with torch.inference_mode():
+                    start = time.perf_counter()
                     for seq in newcomers:
                         if not seq.cancelled:
                             self._prefill(seq)
                     self._drop_finished()
+                    now = time.perf_counter()
+                    self.stats["prefill_seconds"] += now - start
                     if self._running:
                         self._decode_step()
                         self._drop_finished()
+                        self.stats["decode_seconds"] += time.perf_counter() - now
             except Exception as e:  # a failed step fails its requests, never the worker
                 log.exception("generation step failed")
                 err = GenerationError(ErrorCode.INTERNAL_ERROR, f"{type(e).__name__}: {e}").chunk()
@@ -265,11 +273,13 @@ class BatchingEngine:
         ids = torch.tensor([seq.prompt_ids], device=self.device)
         self.stats["prefills"] += 1
         reuse, cache = self._cached_prefix(seq.prompt_ids)
+        self.stats["prefill_tokens"] += len(seq.prompt_ids) - reuse
         out = self.model(input_ids=ids[:, reuse:], cache=cache, use_cache=True, logits_to_keep=1)
-        self._remember_prefix(seq.prompt_ids, out.cache)
+        kv = [(layer.keys, layer.values) for layer in out.cache.layers]
+        self._remember_prefix(seq.prompt_ids, kv)
         self._advance([seq], out.logits[:, -1, :])
         if seq.finish_reason is None:
-            self._kv.add([(layer.keys, layer.values) for layer in out.cache.layers])
+            self._kv.add(kv)
             self._running.append(seq)
 
     def _cached_prefix(self, ids: list[int]):
@@ -287,12 +297,12 @@ class BatchingEngine:
         self.stats["prefix_tokens_reused"] += best_len
         return best_len, DynamicCache(ddp_cache_data=[(k[:, :, :best_len], v[:, :, :best_len]) for k, v in best[1]])
 
-    def _remember_prefix(self, ids: list[int], cache) -> None:
-        """Keep the prompt's KV tensors (never modified in place later) for prompts that share its prefix."""
+    def _remember_prefix(self, ids: list[int], kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Keep the KV tensors of `ids` (never modified in place later) for prompts that share their prefix."""
         if self.prefix_cache_size <= 0 or len(ids) < MIN_PREFIX_REUSE:
             return
         self._prefixes = [e for e in self._prefixes if _common_prefix_len(e[0], ids) < len(e[0])]
-        self._prefixes.append((list(ids), [(layer.keys, layer.values) for layer in cache.layers]))
+        self._prefixes.append((list(ids), kv))
         del self._prefixes[:-self.prefix_cache_size]
 
     def _decode_step(self) -> None:
@@ -309,8 +319,13 @@ class BatchingEngine:
 
     def _drop_finished(self) -> None:
         keep = [i for i, s in enumerate(self._running) if s.finish_reason is None and not s.cancelled]
-        if len(keep) < len(self._running):
-            self._running = [self._running[i] for i in self._kv.keep(keep)]
+        if len(keep) == len(self._running):
+            return
+        if self.prefix_cache_size > 0:  # an agent's next prompt is this prompt, this answer and what follows
+            for i, seq in enumerate(self._running):
+                if seq.finish_reason:  # (its consumer may have cancelled it since: harmless once finished)
+                    self._remember_prefix((seq.prompt_ids + seq.output_ids)[:self._kv.lengths[i]], self._kv.row(i))
+        self._running = [self._running[i] for i in self._kv.keep(keep)]
 
     # ---- sampling and stopping --------------------------------------------------------------
     def _advance(self, seqs: list[Sequence], logits: torch.Tensor) -> None:

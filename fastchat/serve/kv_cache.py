@@ -74,6 +74,11 @@ class SlotCache(Cache):
             layer.values[row, :, :length] = v[0]
         self.lengths.append(length)
 
+    def row(self, i: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """A copy of row i's cached tokens: per layer (keys, values) of shape [1, kv_heads, length, head_dim]."""
+        n = self.lengths[i]
+        return [(layer.keys[i:i + 1, :, :n].clone(), layer.values[i:i + 1, :, :n].clone()) for layer in self.layers]
+
     def keep(self, keep: list[int]) -> list[int]:
         """Keep only the rows `keep`: rows past the new end move into the freed rows below it (one copy per
         finished sequence). Returns, for each new row, the row it came from."""

@@ -60,7 +60,7 @@ class TransformersBackend:
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(device, dtype)).to(device).eval()
         if prepack and can_prepack(self.model):
-            prepack_linears(self.model, max_batch_size)
+            prepack_linears(self.model)
         self.context_len = context_len or context_length(self.model.config)
         self.template = template_for_model(path, conv_template, self.tokenizer)
         self.engine = BatchingEngine(self.model, self.tokenizer, self.context_len, max_batch_size,
@@ -68,6 +68,9 @@ class TransformersBackend:
 
     def queue_length(self) -> int:
         return self.engine.queue_length()
+
+    def stats(self) -> dict:
+        return dict(self.engine.stats)
 
     def count_tokens(self, prompt: str) -> int:
         return self.engine.count_tokens(prompt)

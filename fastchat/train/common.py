@@ -144,8 +144,24 @@ def load_tokenizer_and_template(model_args: ModelArguments):
     return tokenizer, template
 
 
+def return_freed_memory_to_os() -> None:
+    """Have glibc map every block of 1 MiB or more on its own, so that a freed activation goes back to the OS. By
+    default glibc raises that threshold to the largest block freed so far (up to 32 MiB); activations then come from
+    its heap and stay there once freed. With --gradient_checkpointing, SFT of the default model on 2 x 2,048 tokens
+    peaked at 4.9 GB RSS that way and at 2.9 GB this way, for ~10% more CPU time (page faults)."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: nothing to tune
+        return
+    libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD; setting it also stops glibc's dynamic adjustment
+
+
 def load_model(path: str, args: EtoTrainingArguments):
     """Weights in fp32 (on GPU, --bf16 autocasts; DeepSpeed keeps fp32 master weights itself)."""
+    if args.gradient_checkpointing:  # the user trades time for memory: in the allocator too
+        return_freed_memory_to_os()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     model.config.use_cache = False
     if args.padding_free:
@@ -184,7 +200,13 @@ def train_resuming(trainer: transformers.Trainer, args: EtoTrainingArguments):
         checkpoint = last_complete_checkpoint(args.output_dir)
     if checkpoint:
         logger.info("resuming from %s", checkpoint)
-    return trainer.train(resume_from_checkpoint=checkpoint)
+    import time
+
+    cpu = time.process_time()
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    # CPU seconds of all this process's threads: with other load on the machine, a steadier measure than wall time
+    result.metrics["train_cpu_s"] = time.process_time() - cpu
+    return result
 
 
 def remove_checkpoints(trainer: transformers.Trainer, args: EtoTrainingArguments) -> None:

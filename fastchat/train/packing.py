@@ -34,9 +34,10 @@ def packed_sdpa(module, query, key, value, attention_mask, position_ids=None, **
         starts = (position_ids[0] == 0).nonzero().flatten().tolist()
     if len(starts) < 2 or starts[0] != 0:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    bounds = zip(starts, starts[1:] + [query.shape[2]])
-    outs = [sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, **kwargs)[0]
-            for a, b in bounds]
+    lengths = [end - start for start, end in zip(starts, starts[1:] + [query.shape[2]])]
+    # split, not slices: its backward is one concatenation, where each slice's would fill a full-size zero tensor
+    pieces = zip(*(t.split(lengths, dim=2) for t in (query, key, value)))
+    outs = [sdpa_attention_forward(module, q, k, v, None, **kwargs)[0] for q, k, v in pieces]
     return torch.cat(outs, dim=1), None
 
 

@@ -257,7 +257,8 @@ def main(argv: list[str] | None = None) -> None:
     remove_checkpoints(trainer, args)
     if trainer.is_world_process_zero():
         write_summary(args.output_dir, pairs=len(dataset), tokens_per_epoch=n_tok, epochs=args.num_train_epochs,
-                      train_runtime_s=result.metrics.get("train_runtime"), precompute_s=precompute_s,
+                      train_runtime_s=result.metrics.get("train_runtime"),
+                      train_cpu_s=result.metrics["train_cpu_s"], precompute_s=precompute_s,
                       precompute_ref_logps=args.precompute_ref_logps, train_loss=result.training_loss,
                       padding_free=args.padding_free, kinds=kind_counts, loss_weights=args.loss_weights(),
                       **collator.padding_stats())
