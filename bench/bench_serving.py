@@ -78,7 +78,9 @@ def agent_prompts(model_path: Path, n: int, prompt_tokens: int) -> list[str]:
                    add_generation_prompt=True).text for i in range(n)]
 
 
-def run_level(controller: str, model: str, prompts: list[str], new_tokens: int) -> tuple[float, int, list[str]]:
+def run_level(controller: str, model: str, prompts: list[str], new_tokens: int,
+              clients: int) -> tuple[float, int, list[str]]:
+    """`clients` concurrent clients share the prompts; each sends its next request when its last one has ended."""
     def one(prompt: str) -> dict:
         r = requests.post(controller + "/worker_generate_stream", stream=True, timeout=3600, json={
             "model": model, "prompt": prompt, "temperature": 0.0, "max_new_tokens": new_tokens, "echo": False,
@@ -92,15 +94,16 @@ def run_level(controller: str, model: str, prompts: list[str], new_tokens: int) 
         return last
 
     start = time.time()
-    with ThreadPoolExecutor(len(prompts)) as pool:
+    with ThreadPoolExecutor(clients) as pool:
         outs = list(pool.map(one, prompts))
     wall = time.time() - start
     return wall, sum(o["usage"]["completion_tokens"] for o in outs), [o["text"] for o in outs]
 
 
 def engine_stats(worker: str) -> dict:
-    """The worker engine's counters (prefill/decode tokens and seconds, prefix tokens reused)."""
-    return requests.post(worker + "/worker_get_status", timeout=10).json()["stats"]
+    """The worker engine's counters (prefill/decode tokens and seconds, prefix tokens reused); {} from a worker
+    without them (a vLLM worker, or an older checkout measured for comparison)."""
+    return requests.post(worker + "/worker_get_status", timeout=10).json().get("stats", {})
 
 
 def delta(after: dict, before: dict) -> dict:
@@ -160,8 +163,8 @@ def main() -> None:
                  600, "workers")
         prompts = agent_prompts(model_path, max(a.concurrency) * a.rounds, a.prompt_tokens)
         n_prompt = [len(x) for x in prompts]
-        run_level(controller, "batched", prompts[:1], 4)  # warm up both workers
-        run_level(controller, "one-at-a-time", prompts[:1], 4)
+        run_level(controller, "batched", prompts[:1], 4, 1)  # warm up both workers
+        run_level(controller, "one-at-a-time", prompts[:1], 4, 1)
         rows = []
         for c in a.concurrency:
             batch = prompts[: c * a.rounds]
@@ -169,7 +172,7 @@ def main() -> None:
             texts = {}
             for mode in MODES:
                 before = engine_stats(workers[mode])
-                wall, tokens, texts[mode] = run_level(controller, mode, batch, a.new_tokens)
+                wall, tokens, texts[mode] = run_level(controller, mode, batch, a.new_tokens, c)
                 limit = roofline.decode_limit(limits, min(c, MAX_BATCH) if mode == "batched" else 1)
                 after = engine_stats(workers[mode])
                 row[mode] = {"seconds": round(wall, 2), "tokens": tokens, "tokens_per_s": round(tokens / wall, 2),
@@ -209,7 +212,7 @@ def main() -> None:
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"model": str(model_path), "num_threads": a.num_threads, "new_tokens": a.new_tokens,
+    tmp.write_text(json.dumps({"model": model_path.name, "num_threads": a.num_threads, "new_tokens": a.new_tokens,
                                "prompt_tokens": a.prompt_tokens, "rounds": a.rounds, "episodes": a.episodes,
                                "roofline": limits, "rows": rows,
                                "load_average": {"start": load_before, "end": os.getloadavg()}}, indent=2))

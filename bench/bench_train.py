@@ -13,7 +13,10 @@ tokens, padding not counted) is reported as a fraction of the compute limit: 6 F
 highest matmul throughput measured during the benchmark (once more after the last run; other load can only lower
 a measurement). On a shared machine other load slows every run, so each is also reported by CPU time: tokens per
 second of the run's CPU time divided by --threads (the rate it would have with the cores to itself, if its threads
-scale). The load average before and after each run is recorded. Writes bench/results/train.json (after every run, so a partial run keeps what it measured).
+scale). Each run's matmul FLOPs (bench/roofline.py `training_flops`: the work actually done, with padding and the
+head's positions) over its time and the measured throughput give its matmul utilization: what the kernels reach.
+The load average before and after each run is recorded. Writes bench/results/train.json (after every run, so a
+partial run keeps what it measured).
 """
 from __future__ import annotations
 
@@ -71,11 +74,14 @@ def run(name: str, model: str, data: Path, out: Path, args) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
     s = json.loads((out / "train_summary.json").read_text())
+    shown = " ".join(cmd[1:]).replace(str(out), "OUT").replace(str(data), "DATA").replace(model, "MODEL")
     log = json.loads((out / "trainer_state.json").read_text())["log_history"]
     return {
-        "run": name, "command": " ".join(cmd[1:]), "padding_free": s["padding_free"],
+        "run": name, "command": shown, "padding_free": s["padding_free"],
         "real_tokens": s["real_tokens"], "computed_tokens": s["computed_tokens"],
-        "padding_fraction": round(s["padding_fraction"], 4), "train_s": round(s["train_runtime_s"], 1),
+        "padding_fraction": round(s["padding_fraction"], 4), "head_positions": s["head_positions"],
+        "attention_pairs": s["attention_pairs"], "matmul_gflop": round(roofline.training_flops(args.size, s) / 1e9, 1),
+        "train_s": round(s["train_runtime_s"], 1),
         "precompute_s": round(s.get("precompute_s", 0.0), 1), "wall_s": round(wall, 1),
         "tokens_per_s": round(s["real_tokens"] / s["train_runtime_s"], 1), "train_cpu_s": round(s["train_cpu_s"], 1),
         "cpu_tokens_per_s": round(s["real_tokens"] / (s["train_cpu_s"] / args.threads), 1),
@@ -94,6 +100,7 @@ def add_limit(result: dict) -> None:
     for r in result["runs"]:
         r["fraction_of_limit"] = round(r["tokens_per_s"] / result["limit"]["train_tokens_per_s"], 3)
         r["cpu_fraction_of_limit"] = round(r["cpu_tokens_per_s"] / result["limit"]["train_tokens_per_s"], 3)
+        r["matmul_utilization"] = round(r["matmul_gflop"] / r["train_s"] / best["matmul_gflops"], 3)
 
 
 def write(result: dict, out: Path) -> None:
@@ -104,10 +111,11 @@ def write(result: dict, out: Path) -> None:
 
 def table(rows: list[dict]) -> str:
     lines = [f"{'run':<26}{'tokens':>8}{'padding':>9}{'tok/s':>8}{'of limit':>10}{'by CPU time':>12}{'of limit':>10}"
-             f"{'peak RSS MiB':>14}{'load':>6}"]
+             f"{'matmul use':>11}{'peak RSS MiB':>14}{'load':>6}"]
     for r in rows:
         lines.append(f"{r['run']:<26}{r['real_tokens']:>8}{r['padding_fraction']:>9.1%}{r['tokens_per_s']:>8.1f}"
                      f"{r['fraction_of_limit']:>10.1%}{r['cpu_tokens_per_s']:>12.1f}{r['cpu_fraction_of_limit']:>10.1%}"
+                     f"{r['matmul_utilization']:>11.1%}"
                      f"{r['peak_rss_mib']:>14}{r['loadavg_before'][0]:>6.1f}")
     return "\n".join(lines)
 
@@ -130,8 +138,11 @@ def main() -> None:
         args.model = str(default_model_path())
 
     records = json.loads(args.data.read_text())[:args.samples]
-    result = {"model": args.model, "data": str(args.data), "args": {k: str(v) for k, v in vars(args).items()},
-              "runs": []}
+    data = args.data.resolve()
+    shown_data = data.relative_to(ROOT) if data.is_relative_to(ROOT) else data.name
+    result = {"model": Path(args.model).name, "data": str(shown_data),
+              "args": {k: v for k, v in vars(args).items() if k not in ("model", "data", "out")}, "runs": []}
+    args.size = roofline.model_size(args.model)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         sft, dpo = tmp / "sft.json", tmp / "pairs.json"

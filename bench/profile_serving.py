@@ -1,9 +1,10 @@
 """Where a decode step's time goes: the batching engine in process, on the serving benchmark's prompts.
 
-    python bench/profile_serving.py [--model-path P] [--concurrency 8] [--new-tokens 64] [--num-threads 2] [--no-prepack]
+    python bench/profile_serving.py [--model-path P] [--concurrency 8] [--new-tokens 64] [--num-threads 2] \
+        [--no-prepack]
 
 Runs `--concurrency` greedy requests together through the engine (no HTTP) twice: once timing every engine
-phase (prefill, decode step, the model's forward passes, sampling/stopping, batch bookkeeping), once under
+phase (prefill passes, decode step, the model's forward passes, sampling/stopping, batch bookkeeping), once under
 torch.profiler for the decode steps' operators by self CPU time; what a step spends outside operators is
 Python and dispatch overhead. Writes bench/results/serving_profile.json.
 """
@@ -122,7 +123,7 @@ def main() -> None:
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
-        "model": str(model_path), "num_threads": a.num_threads, "concurrency": a.concurrency,
+        "model": model_path.name, "num_threads": a.num_threads, "concurrency": a.concurrency,
         "new_tokens": a.new_tokens, "seconds": round(wall, 2), "tokens_per_s": round(tokens / wall, 1),
         "decode_steps": steps, "phases": phases, "profiled_ms_per_step": round(1000 * profiled[0] / n, 2),
         "outside_operators_ms_per_step": overhead, "top_operators_self_cpu_ms_per_step": per_step,

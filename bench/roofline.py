@@ -57,8 +57,14 @@ def model_size(model_path: str | Path | None) -> dict:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     params = sum(p.numel() for p in model.parameters())  # parameters() yields a tied weight once
+    text = config.get_text_config()
+    head = model.get_output_embeddings().weight.numel()
+    embedding_only = 0 if config.tie_word_embeddings else model.get_input_embeddings().weight.numel()
     return {"params": params, "fp32_bytes": params * 4, "hidden": config.hidden_size,
-            "intermediate": getattr(config, "intermediate_size", 4 * config.hidden_size)}
+            "intermediate": getattr(config, "intermediate_size", 4 * config.hidden_size),
+            "layers": text.num_hidden_layers, "head_params": head, "body_params": params - head - embedding_only,
+            "attention_dim": text.num_attention_heads * (getattr(text, "head_dim", None)
+                                                     or text.hidden_size // text.num_attention_heads)}
 
 
 def measure(num_threads: int, model_path: str | Path | None = None) -> dict:
@@ -83,6 +89,15 @@ def decode_limit(limits: dict, batch: int) -> float:
 def train_limit(limits: dict) -> float:
     """Upper bound on trained tokens/s (6 FLOP per parameter per token)."""
     return limits["matmul_gflops"] * 1e9 / (6 * limits["params"])
+
+
+def training_flops(size: dict, work: dict) -> float:
+    """Matmul FLOPs a training pass performed on `work` (a trainer summary's counts): forward 2 and backward 4 per
+    weight per token through the decoder layers and per head weight at each position the LM head ran at, and 12 per
+    attention dimension per layer per query-key pair (QK^T and AV, forward and backward). Elementwise work (norms,
+    rotary, activations, softmax) and the optimizer are not counted."""
+    return (6 * size["body_params"] * work["computed_tokens"] + 6 * size["head_params"] * work["head_positions"]
+            + 12 * size["layers"] * size["attention_dim"] * work["attention_pairs"])
 
 
 def main() -> None:

@@ -134,6 +134,8 @@ class Pipeline:
                  "--save_steps", str(self.a.save_steps)]
         if self.a.keep_checkpoints:
             flags.append("--keep_checkpoints")
+        if self.a.gradient_checkpointing:
+            flags.append("--gradient_checkpointing")
         if self.cuda:
             flags.append("--bf16")
         if self.a.lora:

@@ -178,6 +178,54 @@ def test_next_turn_reuses_the_previous_answer(backend):
     assert with_cache["text"] == without["text"] and with_cache["usage"] == without["usage"]
 
 
+def submit_together(engine, requests: list[dict]) -> list[dict]:
+    """Queue all requests while holding the engine's lock, so they are newcomers of one step; their final chunks."""
+    import queue
+
+    sinks = [queue.Queue() for _ in requests]
+    with engine._wake:
+        for params, sink in zip(requests, sinks):
+            engine.submit(params, sink.put)
+    finals = []
+    for sink in sinks:
+        chunk = sink.get(timeout=120)
+        while not (chunk.get("finish_reason") or chunk["error_code"]):
+            chunk = sink.get(timeout=120)
+        finals.append(chunk)
+    return finals
+
+
+def test_newcomers_prefilled_together_give_their_alone_output(backend):
+    """Requests arriving in one step share prefill passes (their rows right-padded), each as alone."""
+    from fastchat.serve.engine import BatchingEngine
+
+    alone = [run(backend, greedy(p, 12))[0] for p in PROMPTS]
+    engine = BatchingEngine(backend.model, backend.tokenizer, 256, max_batch_size=8, prefix_cache_size=0)
+    together = submit_together(engine, [greedy(p, 12) for p in PROMPTS])
+    engine.close()
+    assert engine.stats["prefills"] == len(PROMPTS) and engine.stats["prefill_passes"] < len(PROMPTS)
+    for got, want in zip(together, alone):
+        assert got["text"] == want["text"] and got["usage"] == want["usage"]
+
+
+def test_newcomers_sharing_an_uncached_prefix_prefill_it_once(backend):
+    """Episodes that start together share their instruction: the first prefills it, the others wait one step and
+    reuse it, instead of each computing it."""
+    from fastchat.serve.engine import BatchingEngine
+
+    instruction = "Interact with a household to solve a task. " * 6
+    prompts = [chat_prompt(instruction + f"Your task is to: find object {k}.") for k in range(3)]
+    alone = [run(backend, greedy(p, 8))[0] for p in prompts]
+    engine = BatchingEngine(backend.model, backend.tokenizer, 256, max_batch_size=8)
+    together = submit_together(engine, [greedy(p, 8) for p in prompts])
+    engine.close()
+    shared = backend.count_tokens(chat_prompt(instruction))
+    assert engine.stats["prefix_tokens_reused"] >= 2 * (shared - 8)
+    assert engine.stats["prefill_tokens"] <= sum(backend.count_tokens(p) for p in prompts) - 2 * (shared - 8)
+    for got, want in zip(together, alone):
+        assert got["text"] == want["text"] and got["usage"] == want["usage"]
+
+
 def test_rows_moving_and_cache_growth_keep_greedy_output(backend, monkeypatch):
     """Requests queue for 3 rows, finish at different steps (later rows move into freed ones, newcomers take the
     rest) and the preallocated KV cache grows several times: each output is still the one-at-a-time output."""

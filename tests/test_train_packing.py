@@ -66,8 +66,13 @@ def test_packed_batch_gives_the_padded_loss_and_gradients(tiny_model_dir, tmp_pa
 
     assert loss_packed.item() == pytest.approx(loss_padded.item(), abs=1e-5)
     assert_same_grads(grads(padded), grads(packed))
-    assert padded_collator.padding_stats()["padding_fraction"] == pytest.approx(1 - 129 / (4 * 57))
-    assert packed_collator.padding_stats() == {"real_tokens": 129, "computed_tokens": 129, "padding_fraction": 0.0}
+    supervised_next = sum(t != IGNORE_INDEX for x in batch for t in x["labels"][1:])
+    assert padded_collator.work_stats() == {"real_tokens": 129, "computed_tokens": 4 * 57,
+                                            "padding_fraction": pytest.approx(1 - 129 / (4 * 57)),
+                                            "head_positions": 4 * 57, "attention_pairs": 4 * 57 * 57}
+    assert packed_collator.work_stats() == {"real_tokens": 129, "computed_tokens": 129, "padding_fraction": 0.0,
+                                            "head_positions": supervised_next,
+                                            "attention_pairs": sum(n * (n + 1) // 2 for n in (23, 57, 9, 40))}
 
 
 def full_head_logps(model, batch) -> torch.Tensor:

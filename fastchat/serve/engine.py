@@ -1,14 +1,15 @@
 """Continuous-batching generation engine for a transformers causal LM.
 
 One background thread owns the model. Each step it admits waiting requests
-(prefilled one by one, so a prompt's KV cache is exactly what it would be
-alone), copies each into a free row of the running batch's preallocated KV
-cache (fastchat.serve.kv_cache), then runs one decode forward pass for every
-running sequence together. Finished sequences leave the batch at once.
-Positions come from each row's own length, and the attention mask shows each
-row only its own tokens, so a row's greedy output does not depend on its
-neighbours (up to float rounding: some kernels sum in a different order for
-another batch size, ~1e-5 in the logits; greedy texts are tested equal).
+into free rows of the running batch's preallocated KV cache
+(fastchat.serve.kv_cache) and prefills them together in one forward pass
+(prompts of similar remaining length; their rows right-padded), then runs one
+decode forward pass for every running sequence together. Finished sequences
+leave the batch at once. Positions come from each row's own length, and the
+attention mask shows each row only its own tokens, so a row's greedy output
+does not depend on its neighbours (up to float rounding: some kernels sum in a
+different order for another batch size, ~1e-5 in the logits; greedy texts are
+tested equal).
 `max_batch_size=1` gives one-request-at-a-time serving.
 The KV caches of the last few prompts are kept (with its answer once a request
 finishes), and a new prompt starting with one of them (an agent's next turn, or
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
-from transformers import (DynamicCache, LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
                           TopKLogitsWarper, TopPLogitsWarper)
 
 from fastchat.constants import ErrorCode
@@ -136,12 +137,13 @@ class BatchingEngine:
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []
         self._num_layers = model.config.get_text_config().num_hidden_layers
-        self._kv = SlotCache(self._num_layers, self.max_batch_size)  # row i = self._running[i]
+        self._kv = SlotCache(self._num_layers, self.max_batch_size, self.device)  # row i = self._running[i]
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closed = False
-        self.stats = {"prefills": 0, "prefill_tokens": 0, "prefix_tokens_reused": 0, "prefill_seconds": 0.0,
-                      "decode_steps": 0, "decoded_tokens": 0, "decode_seconds": 0.0, "max_batch": 0}
+        self.stats = {"prefills": 0, "prefill_passes": 0, "prefill_tokens": 0, "prefix_tokens_reused": 0,
+                      "prefill_seconds": 0.0, "decode_steps": 0, "decoded_tokens": 0, "decode_seconds": 0.0,
+                      "max_batch": 0}
         self.prefix_cache_size = prefix_cache_size
         self._prefixes: list[tuple[list[int], list]] = []  # (prompt ids, per-layer (keys, values)), LRU last
 
@@ -251,9 +253,8 @@ class BatchingEngine:
             try:
                 with torch.inference_mode():
                     start = time.perf_counter()
-                    for seq in newcomers:
-                        if not seq.cancelled:
-                            self._prefill(seq)
+                    for group in self._plan_prefill([s for s in newcomers if not s.cancelled]):
+                        self._prefill(group)
                     self._drop_finished()
                     now = time.perf_counter()
                     self.stats["prefill_seconds"] += now - start
@@ -264,26 +265,77 @@ class BatchingEngine:
             except Exception as e:  # a failed step fails its requests, never the worker
                 log.exception("generation step failed")
                 err = GenerationError(ErrorCode.INTERNAL_ERROR, f"{type(e).__name__}: {e}").chunk()
-                for seq in self._running + [s for s in newcomers if s not in self._running]:
+                for seq in self._running + [s for s in newcomers if s not in self._running and s not in self._waiting]:
                     if seq.finish_reason is None:
                         seq.sink(err)
-                self._running, self._kv = [], SlotCache(self._num_layers, self.max_batch_size)
+                self._running, self._kv = [], SlotCache(self._num_layers, self.max_batch_size, self.device)
 
-    def _prefill(self, seq: Sequence) -> None:
-        ids = torch.tensor([seq.prompt_ids], device=self.device)
-        self.stats["prefills"] += 1
-        reuse, cache = self._cached_prefix(seq.prompt_ids)
-        self.stats["prefill_tokens"] += len(seq.prompt_ids) - reuse
-        out = self.model(input_ids=ids[:, reuse:], cache=cache, use_cache=True, logits_to_keep=1)
-        kv = [(layer.keys, layer.values) for layer in out.cache.layers]
-        self._remember_prefix(seq.prompt_ids, kv)
-        self._advance([seq], out.logits[:, -1, :])
-        if seq.finish_reason is None:
-            self._kv.add(kv)
-            self._running.append(seq)
+    def _prefill(self, group: list[tuple[Sequence, int, tuple | None]]) -> None:
+        """One forward pass for newcomers (sequence, tokens reused from a cached prefix, that prefix's entry): each
+        prefix is copied into a free row, then the rest of every prompt runs into its row, right-padded to the
+        longest (the mask keeps each row's tokens to themselves, as alone)."""
+        first = self._kv.n
+        for seq, reuse, entry in group:
+            self._kv.add(entry[1] if entry else None, reuse)
+            if entry:
+                self.stats["prefix_tokens_reused"] += reuse
+                at = [i for i, e in enumerate(self._prefixes) if e is entry]  # (a group before may have replaced it)
+                if at:
+                    self._prefixes.append(self._prefixes.pop(at[0]))  # most recently used last
+        new = [len(seq.prompt_ids) - reuse for seq, reuse, _ in group]
+        longest = max(new)
+        pad = self.eos_token_id or 0  # never attended to (masked), never kept (overwritten)
+        ids = torch.tensor([seq.prompt_ids[reuse:] + [pad] * (longest - n) for (seq, reuse, _), n in zip(group, new)],
+                           device=self.device)
+        ends = sorted({n - 1 for n in new})  # the last prompt token of each row gives its first new token
+        positions, mask = self._kv.step_inputs(new, first)
+        if len(group) == 1 and not group[0][1]:  # one prompt, nothing cached: plain causal attention (faster)
+            mask = None
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=self._kv, use_cache=True,
+                         logits_to_keep=torch.tensor(ends, device=self.device))
+        self._kv.advance()
+        self.stats["prefills"] += len(group)
+        self.stats["prefill_passes"] += 1
+        self.stats["prefill_tokens"] += sum(new)
+        seqs = [seq for seq, _, _ in group]
+        for i, seq in enumerate(seqs):
+            self._remember_prefix(seq.prompt_ids, self._kv.row(first + i))
+        self._running.extend(seqs)
+        self._advance(seqs, out.logits[torch.arange(len(group)), [ends.index(n - 1) for n in new]])
 
-    def _cached_prefix(self, ids: list[int]):
-        """The longest cached prefix of `ids` (agent prompts repeat the instruction and the conversation so far)."""
+    def _plan_prefill(self, newcomers: list[Sequence]) -> list[list[tuple[Sequence, int, tuple | None]]]:
+        """Newcomers in groups for `_prefill`, each with its cached prefix. One that shares a longer prefix with
+        an earlier newcomer than with the cache waits for the next step, when that prompt is cached (episodes
+        starting together share their instruction and example, K samples of a task their prompt: prefilled once,
+        not once each). Shortest
+        remaining prompt first, a group grows while padding to its longest prompt at most doubles the tokens it
+        computes (a long cold prompt runs alone rather than padding many short ones)."""
+        found, deferred = [], []
+        for seq in newcomers:
+            reuse, entry = self._cached_prefix(seq.prompt_ids)
+            shared = max((_common_prefix_len(seq.prompt_ids, f[0].prompt_ids) for f in found), default=0)
+            if self.prefix_cache_size > 0 and shared - reuse >= MIN_PREFIX_REUSE:
+                deferred.append(seq)
+            else:
+                found.append((seq, reuse, entry))
+        if deferred:
+            with self._wake:
+                self._waiting.extendleft(reversed(deferred))
+        found.sort(key=lambda f: len(f[0].prompt_ids) - f[1])
+        groups, tokens = [], 0
+        for item in found:
+            n = len(item[0].prompt_ids) - item[1]
+            if groups and (len(groups[-1]) + 1) * n <= 2 * (tokens + n):
+                groups[-1].append(item)
+                tokens += n
+            else:
+                groups.append([item])
+                tokens = n
+        return groups
+
+    def _cached_prefix(self, ids: list[int]) -> tuple[int, tuple | None]:
+        """The longest cached prefix of `ids` (agent prompts repeat the instruction and the conversation so far):
+        how many tokens it covers and its entry (prompt ids, per-layer (keys, values))."""
         best, best_len = None, 0
         for entry in self._prefixes:
             n = _common_prefix_len(entry[0], ids)
@@ -292,10 +344,7 @@ class BatchingEngine:
         best_len = min(best_len, len(ids) - 1)  # at least one token must run to give the next-token logits
         if best is None or best_len < MIN_PREFIX_REUSE:
             return 0, None
-        self._prefixes.remove(best)
-        self._prefixes.append(best)  # most recently used last
-        self.stats["prefix_tokens_reused"] += best_len
-        return best_len, DynamicCache(ddp_cache_data=[(k[:, :, :best_len], v[:, :, :best_len]) for k, v in best[1]])
+        return best_len, best
 
     def _remember_prefix(self, ids: list[int], kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Keep the KV tensors of `ids` (never modified in place later) for prompts that share their prefix."""

@@ -196,29 +196,37 @@ def pack(sequences: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor
 
 class _Collator:
     """Padded batches ([sequences, longest], padding masked out of attention and labels) or, with packed=True,
-    one padding-free row (`pack`). Counts the tokens it hands out: real ones and those computed (with padding)."""
+    one padding-free row (`pack`). Counts the work it hands out, for the benchmarks' FLOP accounting: real tokens
+    and tokens computed (with padding), positions the LM head runs at (packed: those with a supervised next token;
+    padded: all) and query-key pairs attention computes (packed: causal, within each sequence; padded: the whole
+    square, as SDPA with a mask does)."""
 
     def __init__(self, pad_token_id: int, packed: bool = False):
         self.pad_token_id, self.packed = pad_token_id, packed
-        self.real_tokens = self.computed_tokens = 0
+        self.real_tokens = self.computed_tokens = self.head_positions = self.attention_pairs = 0
 
     def _collate(self, ids: list[list[int]], labels: list[list[int]]) -> dict[str, torch.Tensor]:
         self.real_tokens += sum(len(s) for s in ids)
         if self.packed:
             self.computed_tokens += sum(len(s) for s in ids)
+            self.head_positions += sum(t != IGNORE_INDEX for seq in labels for t in seq[1:])
+            self.attention_pairs += sum(len(s) * (len(s) + 1) // 2 for s in ids)
             return pack(list(zip(ids, labels)))
         length = max(len(s) for s in ids)
         self.computed_tokens += length * len(ids)
+        self.head_positions += length * len(ids)
+        self.attention_pairs += length * length * len(ids)
         return {
             "input_ids": _pad(ids, self.pad_token_id, length),
             "attention_mask": _pad([[1] * len(s) for s in ids], 0, length),
             "labels": _pad(labels, IGNORE_INDEX, length),
         }
 
-    def padding_stats(self) -> dict[str, float]:
+    def work_stats(self) -> dict[str, float]:
         padding = self.computed_tokens - self.real_tokens
         return {"real_tokens": self.real_tokens, "computed_tokens": self.computed_tokens,
-                "padding_fraction": padding / self.computed_tokens if self.computed_tokens else 0.0}
+                "padding_fraction": padding / self.computed_tokens if self.computed_tokens else 0.0,
+                "head_positions": self.head_positions, "attention_pairs": self.attention_pairs}
 
 
 class SFTCollator(_Collator):

@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
         write_summary(args.output_dir, samples=len(dataset), tokens_per_epoch=n_tok, supervised_tokens=n_sup,
                       epochs=args.num_train_epochs, train_runtime_s=result.metrics.get("train_runtime"),
                       train_cpu_s=result.metrics["train_cpu_s"],
-                      train_loss=result.training_loss, padding_free=args.padding_free, **collator.padding_stats())
+                      train_loss=result.training_loss, padding_free=args.padding_free, **collator.work_stats())
     logger.info("done: train_loss=%.4f in %.1fs", result.training_loss, result.metrics.get("train_runtime", 0.0))
 
 

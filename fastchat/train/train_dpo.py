@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> None:
                       train_cpu_s=result.metrics["train_cpu_s"], precompute_s=precompute_s,
                       precompute_ref_logps=args.precompute_ref_logps, train_loss=result.training_loss,
                       padding_free=args.padding_free, kinds=kind_counts, loss_weights=args.loss_weights(),
-                      **collator.padding_stats())
+                      **collator.work_stats())
     logger.info("done: train_loss=%.4f in %.1fs", result.training_loss, result.metrics.get("train_runtime", 0.0))
 
 
