@@ -137,7 +137,7 @@ class BatchingEngine:
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []
         self._num_layers = model.config.get_text_config().num_hidden_layers
-        self._kv = SlotCache(self._num_layers, self.max_batch_size, self.device)  # row i = self._running[i]
+        self._kv = self._new_cache()  # row i = self._running[i]
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -146,6 +146,9 @@ class BatchingEngine:
                       "max_batch": 0}
         self.prefix_cache_size = prefix_cache_size
         self._prefixes: list[tuple[list[int], list]] = []  # (prompt ids, per-layer (keys, values)), LRU last
+
+    def _new_cache(self) -> SlotCache:
+        return SlotCache(self._num_layers, self.max_batch_size, self.device, next(self.model.parameters()).dtype)
 
     # ---- submission -------------------------------------------------------------------------
     def submit(self, params: dict, sink: Callable[[dict], None]) -> Sequence:
@@ -268,7 +271,7 @@ class BatchingEngine:
                 for seq in self._running + [s for s in newcomers if s not in self._running and s not in self._waiting]:
                     if seq.finish_reason is None:
                         seq.sink(err)
-                self._running, self._kv = [], SlotCache(self._num_layers, self.max_batch_size, self.device)
+                self._running, self._kv = [], self._new_cache()
 
     def _prefill(self, group: list[tuple[Sequence, int, tuple | None]]) -> None:
         """One forward pass for newcomers (sequence, tokens reused from a cached prefix, that prefix's entry): each

@@ -54,9 +54,10 @@ class SlotCache(Cache):
     """KV cache of up to `slots` running sequences: `add` rows, then for each forward pass `step_inputs` and, after
     it, `advance`."""
 
-    def __init__(self, num_layers: int, slots: int, device: torch.device | str = "cpu"):
+    def __init__(self, num_layers: int, slots: int, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32):
         super().__init__(layers=[SlotLayer(self) for _ in range(num_layers)])
-        self.slots, self.device = slots, device
+        self.slots, self.device, self.dtype = slots, device, dtype
         self.capacity = 0
         self.lengths: list[int] = []  # tokens cached per running row
         self.first = 0  # the rows [first, n) take part in the pass in progress
@@ -107,7 +108,8 @@ class SlotCache(Cache):
 
     def step_inputs(self, new_tokens: list[int] | None = None, first: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """For new_tokens[i] new tokens in row first + i (default: one in every row), right-padded to the longest:
-        position ids [rows, tokens] and the attention mask [rows, 1, tokens, width]."""
+        position ids [rows, tokens] and the attention mask [rows, 1, tokens, width], additive (0 where a query
+        sees a key, the dtype's minimum elsewhere): CPU SDPA takes ~10% less time with it than with a boolean one."""
         lengths = self.lengths[first:]
         self.first, self.new_tokens = first, new_tokens or [1] * len(lengths)
         device, longest = self.device, max(self.new_tokens)
@@ -115,7 +117,9 @@ class SlotCache(Cache):
         self._reserve(self.width)
         self.cols = torch.tensor(lengths, device=device)[:, None] + torch.arange(longest, device=device)
         self.rows = torch.arange(first, self.n, device=device)[:, None].expand(-1, longest)
-        mask = torch.arange(self.width, device=device) <= self.cols[:, :, None]
+        hidden = torch.arange(self.width, device=device) > self.cols[:, :, None]
+        mask = torch.zeros(hidden.shape, dtype=self.dtype, device=device)
+        mask.masked_fill_(hidden, torch.finfo(self.dtype).min)
         return self.cols, mask[:, None]
 
     def advance(self) -> None:
