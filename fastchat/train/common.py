@@ -209,6 +209,13 @@ def train_resuming(trainer: transformers.Trainer, args: EtoTrainingArguments):
     return result
 
 
+def close_distributed() -> None:
+    """Tear the process group down before the interpreter exits: left to exit-time destructors, a rank sometimes
+    aborted after training had finished ("terminate called without an active exception", seen in a 2-rank run)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def remove_checkpoints(trainer: transformers.Trainer, args: EtoTrainingArguments) -> None:
     """Once the final model is saved the checkpoints are only disk space, unless --keep_checkpoints."""
     import shutil

@@ -19,9 +19,9 @@ import sys
 import transformers
 from transformers import HfArgumentParser, Trainer
 
-from fastchat.train.common import (DataArguments, EtoTrainingArguments, ModelArguments, apply_lora, load_model,
-                                   load_tokenizer_and_template, logger, remove_checkpoints, save_trained, setup_logging,
-                                   train_resuming, write_summary)
+from fastchat.train.common import (DataArguments, EtoTrainingArguments, ModelArguments, apply_lora, close_distributed,
+                                   load_model, load_tokenizer_and_template, logger, remove_checkpoints, save_trained,
+                                   setup_logging, train_resuming, write_summary)
 from fastchat.train.data import DataError, SFTCollator, encode_sft, load_sft_records, report_skipped
 from fastchat.train.packing import supervised_token_logps
 
@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
                       train_cpu_s=result.metrics["train_cpu_s"],
                       train_loss=result.training_loss, padding_free=args.padding_free, **collator.work_stats())
     logger.info("done: train_loss=%.4f in %.1fs", result.training_loss, result.metrics.get("train_runtime", 0.0))
+    close_distributed()
 
 
 if __name__ == "__main__":

@@ -32,8 +32,8 @@ import torch.nn.functional as F
 import transformers
 from transformers import HfArgumentParser, Trainer
 
-from fastchat.train.common import (DataArguments, EtoTrainingArguments, ModelArguments, apply_lora, load_model,
-                                   load_tokenizer_and_template, logger, prepare_reference, remove_checkpoints,
+from fastchat.train.common import (DataArguments, EtoTrainingArguments, ModelArguments, apply_lora, close_distributed,
+                                   load_model, load_tokenizer_and_template, logger, prepare_reference, remove_checkpoints,
                                    save_trained, setup_logging, train_resuming, write_summary, zero3_gathered)
 from fastchat.train.data import (IGNORE_INDEX, KINDS, SFT_KIND, DataError, DPOCollator, encode_dpo, load_dpo_records,
                                  report_skipped)
@@ -263,6 +263,7 @@ def main(argv: list[str] | None = None) -> None:
                       padding_free=args.padding_free, kinds=kind_counts, loss_weights=args.loss_weights(),
                       **collator.work_stats())
     logger.info("done: train_loss=%.4f in %.1fs", result.training_loss, result.metrics.get("train_runtime", 0.0))
+    close_distributed()
 
 
 if __name__ == "__main__":
