@@ -302,7 +302,7 @@ class BatchingEngine:
         self.stats["prefill_tokens"] += sum(new)
         seqs = [seq for seq, _, _ in group]
         for i, seq in enumerate(seqs):
-            self._remember_prefix(seq.prompt_ids, self._kv.row(first + i))
+            self._remember_prefix(seq.prompt_ids, first + i)
         self._running.extend(seqs)
         self._advance(seqs, out.logits[torch.arange(len(group)), [ends.index(n - 1) for n in new]])
 
@@ -349,12 +349,12 @@ class BatchingEngine:
             return 0, None
         return best_len, best
 
-    def _remember_prefix(self, ids: list[int], kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Keep the KV tensors of `ids` (never modified in place later) for prompts that share their prefix."""
+    def _remember_prefix(self, ids: list[int], row: int) -> None:
+        """Keep a copy of the KV cache of `ids` (the first tokens of `row`) for prompts that share their prefix."""
         if self.prefix_cache_size <= 0 or len(ids) < MIN_PREFIX_REUSE:
             return
         self._prefixes = [e for e in self._prefixes if _common_prefix_len(e[0], ids) < len(e[0])]
-        self._prefixes.append((list(ids), kv))
+        self._prefixes.append((list(ids), self._kv.row(row, len(ids))))
         del self._prefixes[:-self.prefix_cache_size]
 
     def _decode_step(self) -> None:
@@ -373,10 +373,9 @@ class BatchingEngine:
         keep = [i for i, s in enumerate(self._running) if s.finish_reason is None and not s.cancelled]
         if len(keep) == len(self._running):
             return
-        if self.prefix_cache_size > 0:  # an agent's next prompt is this prompt, this answer and what follows
-            for i, seq in enumerate(self._running):
-                if seq.finish_reason:  # (its consumer may have cancelled it since: harmless once finished)
-                    self._remember_prefix((seq.prompt_ids + seq.output_ids)[:self._kv.lengths[i]], self._kv.row(i))
+        for i, seq in enumerate(self._running):  # an agent's next prompt is this prompt, this answer and more
+            if seq.finish_reason:  # (its consumer may have cancelled it since: harmless once finished)
+                self._remember_prefix((seq.prompt_ids + seq.output_ids)[:self._kv.lengths[i]], i)
         self._running = [self._running[i] for i in self._kv.keep(keep)]
 
     # ---- sampling and stopping --------------------------------------------------------------

@@ -87,9 +87,8 @@ class SlotCache(Cache):
                 layer.values[self.n, :, :length] = v[0, :, :length]
         self.lengths.append(length)
 
-    def row(self, i: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """A copy of row i's cached tokens: per layer (keys, values) of shape [1, kv_heads, length, head_dim]."""
-        n = self.lengths[i]
+    def row(self, i: int, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """A copy of row i's first n cached tokens: per layer (keys, values) [1, kv_heads, n, head_dim]."""
         return [(layer.keys[i:i + 1, :, :n].clone(), layer.values[i:i + 1, :, :n].clone()) for layer in self.layers]
 
     def keep(self, keep: list[int]) -> list[int]:

@@ -5,6 +5,7 @@ import contextlib
 import copy
 import importlib.util
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -200,8 +201,6 @@ def train_resuming(trainer: transformers.Trainer, args: EtoTrainingArguments):
         checkpoint = last_complete_checkpoint(args.output_dir)
     if checkpoint:
         logger.info("resuming from %s", checkpoint)
-    import time
-
     cpu = time.process_time()
     result = trainer.train(resume_from_checkpoint=checkpoint)
     # CPU seconds of all this process's threads: with other load on the machine, a steadier measure than wall time
