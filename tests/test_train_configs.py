@@ -2,7 +2,8 @@
 --lora and --precompute_ref_logps parses through the trainers' own argument classes, with DeepSpeed's "auto" values
 filled from our flags and accelerate's FSDP plugin built from fsdp.yaml. ZeRO-2 and ZeRO-3 really train on 2 CPU ranks
 (DeepSpeed's CPU accelerator, gloo) and give the losses and weights of plain training, the DPO reference under ZeRO-3
-included. --deepspeed stops with a clear message without DeepSpeed or without a GPU. FSDP does not run on CPU."""
+included. --deepspeed stops with a clear message without DeepSpeed or without a GPU. fsdp.yaml is FSDP2; FSDP does not
+run on CPU."""
 from __future__ import annotations
 
 import copy
@@ -106,22 +107,26 @@ def test_deepspeed_auto_values_come_from_our_flags(config, trainer, lora, precom
     assert gpu.dtype() == torch.bfloat16
 
 
-def fsdp_launch_env() -> dict[str, str]:
-    """The environment `accelerate launch --config_file fsdp.yaml` gives each process (accelerate's own code)."""
-    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
-    from accelerate.utils.launch import prepare_multi_gpu_env
-
-    args = launch_command_parser().parse_args(["--config_file", str(CONFIGS / "fsdp.yaml"), "-m", "x"])
-    return prepare_multi_gpu_env(_validate_launch_command(args)[0])
+def fsdp_launch_env(tmp_path) -> dict[str, str]:
+    """The environment `accelerate launch --config_file fsdp.yaml` gives a training process: accelerate's own
+    launcher run for real (one process: it only records its environment)."""
+    script, out = tmp_path / "record_env.py", tmp_path / "env.json"
+    script.write_text("import json, os, sys\n"
+                      "json.dump({k: v for k, v in os.environ.items() if k.startswith(('FSDP_', 'ACCELERATE_'))},"
+                      " open(sys.argv[1], 'w'))\n")
+    subprocess.run(["accelerate", "launch", "--config_file", str(CONFIGS / "fsdp.yaml"), "--num_processes", "1",
+                    str(script), str(out)], check=True, capture_output=True, timeout=120, env=ENV)
+    return json.loads(out.read_text())
 
 
 @pytest.mark.parametrize("trainer, lora", [(trainer, lora) for trainer in TRAINERS for lora in (False, True)])
-def test_fsdp_config_builds_the_fsdp_plugin(trainer, lora, tiny_model_dir, tmp_path, monkeypatch):
-    """fsdp.yaml as `accelerate launch --config_file` hands it over (environment) and as --fsdp_config."""
-    import accelerate.utils.dataclasses
+def test_fsdp_config_builds_the_fsdp2_plugin(trainer, lora, tiny_model_dir, tmp_path, monkeypatch):
+    """fsdp.yaml as `accelerate launch --config_file` hands it over (environment) and as --fsdp_config: both give
+    accelerate's FSDP2 plugin with full sharding, a full (loadable) saved model and the decoder layers as units.
+    What CPU cannot check: FSDP itself shards nothing here (it needs CUDA; accelerate falls back to DDP)."""
     from accelerate.commands.config.config_args import ClusterConfig
     from accelerate.utils import FullyShardedDataParallelPlugin
-    from torch.distributed.fsdp import BackwardPrefetch, ShardingStrategy, StateDictType
+    from torch.distributed.fsdp import CPUOffloadPolicy, StateDictType
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
     raw = yaml.safe_load((CONFIGS / "fsdp.yaml").read_text())
@@ -132,24 +137,20 @@ def test_fsdp_config_builds_the_fsdp_plugin(trainer, lora, tiny_model_dir, tmp_p
     model_args, _, args = parse(trainer, "--output_dir", str(tmp_path), "--fsdp", "--fsdp_config", str(fsdp_config),
                                 *(["--lora"] if lora else []))
     model = load_model(str(tiny_model_dir), args)
-    if lora:
+    if lora:  # FSDP2 shards each parameter on its own: frozen and trainable weights need no shared flat unit
         model = apply_lora(model, model_args, args)
-    env = fsdp_launch_env()
+    env = fsdp_launch_env(tmp_path)
     assert env["ACCELERATE_USE_FSDP"] == "true" and env["ACCELERATE_MIXED_PRECISION"] == "bf16"
-    # the plugin looks up the current CUDA device for fsdp_sync_module_states; there is none here
-    monkeypatch.setattr(accelerate.utils.dataclasses, "is_cuda_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     from_flags = FullyShardedDataParallelPlugin(**args.fsdp_plugin_args)  # as the Trainer builds it
     for key, value in env.items():
         if key.startswith("FSDP_"):
             monkeypatch.setenv(key, value)
     from_launch = FullyShardedDataParallelPlugin()  # as the Accelerator builds it under `accelerate launch`
     for plugin in (from_flags, from_launch):
-        assert plugin.fsdp_version == 1 and plugin.sharding_strategy == ShardingStrategy.FULL_SHARD
-        assert plugin.use_orig_params  # --lora: frozen and trainable weights in one FSDP unit
+        assert plugin.fsdp_version == 2
+        assert plugin.reshard_after_forward is True  # full sharding
         assert plugin.state_dict_type == StateDictType.FULL_STATE_DICT  # the saved model is a plain folder
-        assert plugin.sync_module_states and plugin.cpu_ram_efficient_loading
-        assert plugin.backward_prefetch == BackwardPrefetch.BACKWARD_PRE
+        assert plugin.cpu_ram_efficient_loading and not isinstance(plugin.cpu_offload, CPUOffloadPolicy)
         plugin.set_auto_wrap_policy(model)
         assert plugin.auto_wrap_policy.keywords["transformer_layer_cls"] == {LlamaDecoderLayer}
 

@@ -28,7 +28,20 @@ class PackedLinear(nn.Module):
 
 def can_prepack(model: nn.Module) -> bool:
     p = next(model.parameters())
-    return p.device.type == "cpu" and p.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+    return p.device.type == "cpu" and p.dtype == torch.float32 and torch.backends.mkldnn.is_available() \
+        and packed_ops_work()
+
+
+def packed_ops_work() -> bool:
+    """The two oneDNN ops are private to torch (no public API offers prepacked CPU linears): a torch release may
+    rename or change them. They are used only where a small product gives nn.Linear's result; else nn.Linear stays."""
+    try:
+        linear = nn.Linear(16, 8)
+        x = torch.randn(3, 16)
+        with torch.no_grad():
+            return torch.allclose(PackedLinear(linear, 3)(x), linear(x), atol=1e-5)
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def prepack_linears(model: nn.Module, batch_hint: int = BATCH_HINT) -> int:
