@@ -8,7 +8,7 @@
 #   1. torch (kept if a CUDA build is installed; else the CPU build of requirements.lock's version)
 #   2. every Python package at requirements.lock's version (scripts/deps.py), then this project (editable)
 #   3. Java 17+ for ScienceWorld (apt-get when run as root)
-#   4. data items of data/manifest.json (scripts/fetch_data.py), sha256-checked and stamped
+#   4. data items of data/manifest.json (python -m scripts.fetch_data), sha256-checked and stamped
 #   5. the embedded default model: GGUF -> models/SmolLM2-135M-Instruct, checked to generate text
 #   6. the WebShop search index and the expert trajectory files (data/*_sft.json) that build quickly
 #   7. Debian chromium + chromedriver for the WebShop browser test (apt-get when run as root)
@@ -54,7 +54,7 @@ else
 fi
 
 # 4. Data.
-"$PY" scripts/fetch_data.py || fail "data: required items missing (listed above)"
+"$PY" -m scripts.fetch_data || fail "data: required items missing (listed above)"
 
 # 5. The embedded default model.
 if [ "${ETO_SKIP_MODEL:-0}" = 1 ]; then
@@ -72,7 +72,7 @@ if [ "${ETO_SKIP_SFT_DATA:-0}" != 1 ]; then
     if [ -f "data/${task}_sft.json" ]; then
       say "data/${task}_sft.json already built"
     else
-      "$PY" "scripts/build_${task}_sft.py" || fail "building data/${task}_sft.json failed"
+      "$PY" -m "scripts.build_${task}_sft" || fail "building data/${task}_sft.json failed"
     fi
   done
 fi

@@ -1,7 +1,7 @@
 """DPO training throughput and peak memory, with and without --precompute_ref_logps, side by side.
 
-    python bench/bench_dpo.py                       # tiny random model built locally
-    python bench/bench_dpo.py --model models/SmolLM2-135M-Instruct --pairs 32 --max_length 512
+    python -m bench.bench_dpo                       # tiny random model built locally
+    python -m bench.bench_dpo --model models/SmolLM2-135M-Instruct --pairs 32 --max_length 512
 
 Each setting runs `python -m fastchat.train.train_dpo` in its own process on the same synthetic
 multi-turn pairs (so peak RSS is that run's alone) and reads its train_summary.json. Reports
@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from fastchat.records import pair_record, record_turns, write_json_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -40,10 +41,9 @@ def synthetic_pairs(n: int, steps: int, seed: int = 0) -> list[dict]:
 
     pairs = []
     for i in range(n):
-        prompt = [{"from": "human", "value": "Interact with a household to solve a task. " * 4},
-                  {"from": "gpt", "value": "OK"},
-                  {"from": "human", "value": f"Your task is to: put a {rng.choice(objects)} on the desk."}]
-        pairs.append({"id": f"bench-{i}", "prompt": prompt, "chosen": traj(steps), "rejected": traj(steps + 2)})
+        prompt = record_turns("Interact with a household to solve a task. " * 4,
+                              f"Your task is to: put a {rng.choice(objects)} on the desk.")
+        pairs.append(pair_record(f"bench-{i}", "trajectory", prompt, traj(steps), traj(steps + 2)))
     return pairs
 
 
@@ -86,15 +86,16 @@ def main() -> None:
         tmp = Path(tmp)
         model = args.model
         if model is None:
+            from eval_agent.prompt import PROMPT_DIR
             from fastchat.model.tiny import build_tiny_model
 
-            model = str(build_tiny_model(tmp / "tiny"))
+            model = str(build_tiny_model(tmp / "tiny", corpus_dirs=[PROMPT_DIR]))
         data = tmp / "pairs.json"
-        data.write_text(json.dumps(synthetic_pairs(args.pairs, args.steps)))
+        write_json_atomic(data, synthetic_pairs(args.pairs, args.steps), indent=None)
         rows = [run_setting(model, data, tmp / f"out{i}", args, precompute) for i, precompute in
                 enumerate((False, True))]
 
-    header = f"{'setting':<22}{'train tok/s':>12}{'e2e tok/s':>11}{'ref pass s':>11}{'peak RSS MiB':>14}{'peak CUDA MiB':>15}"
+    header = f"{'setting':<22}{'train tok/s':>12}{'e2e tok/s':>11}{'ref pass s':>11}{'peak RSS MiB':>14}{'peak CUDA MiB':>15}"  # noqa: E501
     print(f"model: {model}  pairs: {args.pairs}  tokens/epoch: {rows[0]['tokens'] / args.epochs:.0f}")
     print(header)
     for r in rows:
@@ -106,11 +107,8 @@ def main() -> None:
     print(f"precomputed / live: train tokens/s x{pre['train_tokens_per_s'] / live['train_tokens_per_s']:.2f}, "
           f"end-to-end x{pre['end_to_end_tokens_per_s'] / live['end_to_end_tokens_per_s']:.2f}, "
           f"peak RSS x{pre['peak_rss_mib'] / live['peak_rss_mib']:.2f}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = args.out.with_suffix(".json.tmp")
-    tmp_out.write_text(json.dumps({"model": model, "args": {k: str(v) for k, v in vars(args).items()},
-                                   "results": rows}, indent=2))
-    os.replace(tmp_out, args.out)
+    write_json_atomic(args.out, {"model": model, "args": {k: str(v) for k, v in vars(args).items()},
+                                 "results": rows}, indent=2)
     print(f"written to {args.out}")
 
 

@@ -1,7 +1,7 @@
 """Environment latency: mean step and reset latency per environment.
 
-    python bench/bench_envs.py --env sciworld [--tasks 4]
-    python bench/bench_envs.py --env alfworld [--games 6]
+    python -m bench.bench_envs --env sciworld [--tasks 4]
+    python -m bench.bench_envs --env alfworld [--games 6]
 
 Each environment has its own bench_<env>() function returning rows
 (name, mean ms, n, note); main() prints them as a table and writes
@@ -21,6 +21,8 @@ import platform
 import statistics
 import time
 from pathlib import Path
+
+from fastchat.records import write_json_atomic
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -161,10 +163,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'measure':<40} {'mean ms':>10} {'n':>6}  note")
     for r in rows:
         print(f"{r['name']:<40} {r['mean_ms']:>10.2f} {r['n']:>6}  {r['note']}")
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     out = RESULTS_DIR / f"envs_{args.env}.json"
-    out.write_text(json.dumps({"env": args.env, "args": vars(args), "machine": platform.platform(),
-                               "time": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows}, indent=1))
+    write_json_atomic(out, {"env": args.env, "args": vars(args), "machine": platform.platform(),
+                            "time": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows}, indent=1)
     print(f"wrote {out}")
 
 

@@ -1,6 +1,6 @@
 """Serving throughput: continuous batching vs one request at a time, side by side in one run.
 
-    python bench/bench_serving.py [--model-path models/SmolLM2-135M-Instruct] [--concurrency 1 4 8] \
+    python -m bench.bench_serving [--model-path models/SmolLM2-135M-Instruct] [--concurrency 1 4 8] \
         [--new-tokens 64] [--prompt-tokens 300] [--rounds 1] [--num-threads 1] [--episodes 0]
 
 Starts a controller and two copies of the same model worker on loopback: one
@@ -32,12 +32,13 @@ from pathlib import Path
 
 import requests
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from bench import roofline
+from eval_agent.prompt import PROMPT_DIR
+from fastchat.constants import default_model_path
+from fastchat.conversation import render, template_for_model
+from fastchat.records import OK_REPLY, write_json_atomic
 
-from bench import roofline  # noqa: E402
-from fastchat.constants import default_model_path  # noqa: E402
-from fastchat.conversation import render, template_for_model  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 MAX_BATCH = 8
 MODES = {"batched": ["--max-batch-size", str(MAX_BATCH)], "one-at-a-time": ["--no-batching"]}
@@ -67,12 +68,12 @@ def agent_prompts(model_path: Path, n: int, prompt_tokens: int) -> list[str]:
 
     tok = AutoTokenizer.from_pretrained(model_path)
     template = template_for_model(model_path, tokenizer=tok)
-    instruction = (REPO / "eval_agent/prompt/instructions/alfworld.txt").read_text()
-    example = json.loads((REPO / "eval_agent/prompt/icl_examples/alfworld.json").read_text())
+    instruction = (PROMPT_DIR / "instructions" / "alfworld.txt").read_text()
+    example = json.loads((PROMPT_DIR / "icl_examples" / "alfworld.json").read_text())
     example_text = "\n".join(m["content"] for m in (example[0] if isinstance(example[0], list) else example))
     context = tok.decode(tok(instruction + "\n" + example_text).input_ids[:prompt_tokens])
     objects = ["apple", "mug", "book", "knife", "pen", "bowl", "towel", "egg", "key", "cd"]
-    return [render(template, [{"role": "user", "content": context}, {"role": "assistant", "content": "OK"},
+    return [render(template, [{"role": "user", "content": context}, {"role": "assistant", "content": OK_REPLY},
                               {"role": "user", "content": f"You are in the middle of a room {i}. Your task is "
                                                           f"to: put a clean {objects[i % 10]} in shelf {i}."}],
                    add_generation_prompt=True).text for i in range(n)]
@@ -210,13 +211,10 @@ def main() -> None:
               f"{o['tokens_per_s']:>12} ({o['fraction_of_limit']:.2f}) {r['speedup']:>8} "
               f"{str(r['same_greedy_text']):>10} {eph:>16}")
     out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"model": model_path.name, "num_threads": a.num_threads, "new_tokens": a.new_tokens,
-                               "prompt_tokens": a.prompt_tokens, "rounds": a.rounds, "episodes": a.episodes,
-                               "roofline": limits, "rows": rows,
-                               "load_average": {"start": load_before, "end": os.getloadavg()}}, indent=2))
-    os.replace(tmp, out)
+    write_json_atomic(out, {"model": model_path.name, "num_threads": a.num_threads, "new_tokens": a.new_tokens,
+                            "prompt_tokens": a.prompt_tokens, "rounds": a.rounds, "episodes": a.episodes,
+                            "roofline": limits, "rows": rows,
+                            "load_average": {"start": load_before, "end": os.getloadavg()}}, indent=2)
     print(f"written {out}")
 
 

@@ -1,8 +1,8 @@
 """Training throughput against this machine's compute limit, padding and peak memory: SFT and DPO, padded
 (the original computation, --no_padding_free) and padding-free with the supervised-only head (the default).
 
-    python bench/bench_train.py                    # default model, ScienceWorld expert trajectories
-    python bench/bench_train.py --runs sft_packed dpo_packed --samples 4
+    python -m bench.bench_train                    # default model, ScienceWorld expert trajectories
+    python -m bench.bench_train --runs sft_packed dpo_packed --samples 4
 
 Each run is `python -m fastchat.train.train[_dpo]` in its own process (so its peak RSS is its own) on the first
 --samples records of --data in file order (`--train_sampling_strategy sequential`: every setting sees the same
@@ -29,11 +29,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-import roofline  # noqa: E402
+from bench import roofline
+from fastchat.records import PROMPT_TURNS, pair_record, trajectory, write_json_atomic
 
+ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 RUNS = {  # name: (trainer module, flags)
     "sft_padded": ("fastchat.train.train", ["--no_padding_free"]),
@@ -44,16 +43,9 @@ RUNS = {  # name: (trainer module, flags)
 }
 
 
-def _trajectory(turns: list[dict]) -> list[dict]:
-    """The turns after the task (instruction, "OK", task), up to the last gpt turn."""
-    rest = turns[3:]
-    last_gpt = max(i for i, t in enumerate(rest) if t["from"] == "gpt")
-    return rest[:last_gpt + 1]
-
-
 def dpo_pairs(records: list[dict]) -> list[dict]:
-    return [{"id": f"bench-{i}", "prompt": r["conversations"][:3], "chosen": _trajectory(r["conversations"]),
-             "rejected": _trajectory(records[(i + 1) % len(records)]["conversations"])}
+    return [pair_record(f"bench-{i}", "trajectory", r["conversations"][:PROMPT_TURNS], trajectory(r["conversations"]),
+                        trajectory(records[(i + 1) % len(records)]["conversations"]))
             for i, r in enumerate(records)]
 
 
@@ -103,12 +95,6 @@ def add_limit(result: dict) -> None:
         r["matmul_utilization"] = round(r["matmul_gflop"] / r["train_s"] / best["matmul_gflops"], 3)
 
 
-def write(result: dict, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json.tmp").write_text(json.dumps(result, indent=2))
-    os.replace(out.with_suffix(".json.tmp"), out)
-
-
 def table(rows: list[dict]) -> str:
     lines = [f"{'run':<26}{'tokens':>8}{'padding':>9}{'tok/s':>8}{'of limit':>10}{'by CPU time':>12}{'of limit':>10}"
              f"{'matmul use':>11}{'peak RSS MiB':>14}{'load':>6}"]
@@ -146,16 +132,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         sft, dpo = tmp / "sft.json", tmp / "pairs.json"
-        sft.write_text(json.dumps(records))
-        dpo.write_text(json.dumps(dpo_pairs(records)))
+        write_json_atomic(sft, records, indent=None)
+        write_json_atomic(dpo, dpo_pairs(records), indent=None)
         for name in args.runs:
             result["runs"].append(run(name, args.model, dpo if name.startswith("dpo") else sft, tmp / name, args))
             add_limit(result)
             print(table(result["runs"][-1:]).splitlines()[-1], flush=True)
-            write(result, args.out)
+            write_json_atomic(args.out, result, indent=2)
     result["roofline_after"] = roofline.measure(args.threads, args.model)
     add_limit(result)
-    write(result, args.out)
+    write_json_atomic(args.out, result, indent=2)
     print(table(result["runs"]))
     print(f"compute limit: {result['limit']['train_tokens_per_s']} tokens/s "
           f"({result['limit']['matmul_gflops']} GFLOP/s fp32 matmul, best of the run); written to {args.out}")

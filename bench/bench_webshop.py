@@ -1,6 +1,6 @@
 """WebShop speed: search latency and env step latency on the 1k catalog, search latency on a large synthetic one.
 
-    python bench/bench_webshop.py [--queries 1000] [--big 100000] [--episodes 200]
+    python -m bench.bench_webshop [--queries 1000] [--big 100000] [--episodes 200]
 
 The large catalog is made from the 1k one: copy i of product p keeps a random 80% of p's words plus 20 words of
 another product, under a new ASIN, so documents differ and posting lists grow as in a real catalog.
@@ -9,7 +9,6 @@ Prints a table and writes bench/results/webshop.json.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import random
 import statistics
@@ -17,6 +16,7 @@ import time
 from pathlib import Path
 
 from eval_agent.paths import webshop_data_dir
+from fastchat.records import write_json_atomic
 from webshop.oracle import load_query_map, oracle_plan
 from webshop.search import SearchEngine
 from webshop.text_env import WebShopTextEnv, shared_shop
@@ -107,8 +107,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name:34s} {r['n']:6d} {r['p50_ms']:8.2f} {r['p95_ms']:8.2f} {r['mean_ms']:8.2f}")
     if args.big:
         print(f"index build for {args.big:,} products: {report['index_build_s_big']:.1f} s")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=1))
+    write_json_atomic(RESULTS, report, indent=1)
     print(f"-> {RESULTS}")
 
 

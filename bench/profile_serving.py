@@ -1,6 +1,6 @@
 """Where a decode step's time goes: the batching engine in process, on the serving benchmark's prompts.
 
-    python bench/profile_serving.py [--model-path P] [--concurrency 8] [--new-tokens 64] [--num-threads 2] \
+    python -m bench.profile_serving [--model-path P] [--concurrency 8] [--new-tokens 64] [--num-threads 2] \
         [--no-prepack]
 
 Runs `--concurrency` greedy requests together through the engine (no HTTP) twice: once timing every engine
@@ -11,9 +11,7 @@ Python and dispatch overhead. Writes bench/results/serving_profile.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
 import threading
 import time
 from collections import defaultdict
@@ -21,12 +19,12 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from bench.bench_serving import agent_prompts
+from fastchat.constants import default_model_path
+from fastchat.records import write_json_atomic
+from fastchat.serve.model_worker import TransformersBackend
 
-from bench.bench_serving import agent_prompts  # noqa: E402
-from fastchat.constants import default_model_path  # noqa: E402
-from fastchat.serve.model_worker import TransformersBackend  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 
 def wrap(obj, name: str, around) -> None:
@@ -121,13 +119,12 @@ def main() -> None:
     for k, v in per_step.items():
         print(f"  {v:8.2f}  {k}")
     out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
+    write_json_atomic(out, {
         "model": model_path.name, "num_threads": a.num_threads, "concurrency": a.concurrency,
         "new_tokens": a.new_tokens, "seconds": round(wall, 2), "tokens_per_s": round(tokens / wall, 1),
         "decode_steps": steps, "phases": phases, "profiled_ms_per_step": round(1000 * profiled[0] / n, 2),
         "outside_operators_ms_per_step": overhead, "top_operators_self_cpu_ms_per_step": per_step,
-        "load_average": os.getloadavg()}, indent=2))
+        "load_average": os.getloadavg()}, indent=2)
     print(f"written {out}")
 
 

@@ -1,7 +1,7 @@
 """Where SFT training time goes: operators of a few real training steps, grouped into matmuls, attention,
 the optimizer and the rest (elementwise work: norms, rotary, activations, residual adds, log-softmax, copies).
 
-    python bench/profile_train.py [--model DIR] [--samples 4 --batch 2 --max_length 2048] [--threads 2] [--steps 2]
+    python -m bench.profile_train [--model DIR] [--samples 4 --batch 2 --max_length 2048] [--threads 2] [--steps 2]
 
 Runs `python -m fastchat.train.train` in this process (default flags: padding-free batches and the
 supervised-only head; pass trainer flags after `--`, e.g. `-- --no_padding_free`) under torch.profiler, on the
@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 from collections import defaultdict
 from pathlib import Path
@@ -21,8 +20,9 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from fastchat.records import write_json_atomic
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 GROUPS = {  # operator name fragments -> group, first match wins
     "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "mkldnn"),
@@ -77,7 +77,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "sft.json"
-        data.write_text(json.dumps(json.loads(a.data.read_text())[:a.samples]))
+        write_json_atomic(data, json.loads(a.data.read_text())[:a.samples], indent=None)
         train.Trainer.__init__ = with_callback
         try:
             train.main(["--model_name_or_path", model, "--data_path", str(data), "--output_dir", f"{tmp}/out",
@@ -101,13 +101,12 @@ def main() -> None:
     print("top operators:")
     for op, seconds in top:
         print(f"  {seconds:7.2f} s  {op}")
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps({
+    write_json_atomic(a.out, {
         "model": Path(model).name, "samples": a.samples, "batch": a.batch, "max_length": a.max_length,
         "threads": a.threads, "trainer_flags": a.trainer_flags, "profiled_steps": callback.steps,
         "operator_seconds": round(total, 2),
         "groups": {g: {"seconds": round(s, 2), "fraction": round(s / total, 3)} for g, s in groups.items()},
-        "top_operators_seconds": {op: round(s, 2) for op, s in top}, "load_average": os.getloadavg()}, indent=2))
+        "top_operators_seconds": {op: round(s, 2) for op, s in top}, "load_average": os.getloadavg()}, indent=2)
     print(f"written {a.out}")
 
 

@@ -1,6 +1,6 @@
 """This machine's limits for a model, measured in the same run as the benchmark that reports against them.
 
-    python bench/roofline.py [--num-threads 2] [--model-path DIR]
+    python -m bench.roofline [--num-threads 2] [--model-path DIR]
 
 Two numbers bound everything we time:
 - memory read bandwidth (GB/s): one fp32 matrix-vector product over a weight-sized matrix, the shape of a decode
@@ -106,8 +106,6 @@ def main() -> None:
     p.add_argument("--model-path", default=None, help="default: the embedded default model")
     a = p.parse_args()
     if a.model_path is None:
-        import sys
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
         from fastchat.constants import default_model_path
         a.model_path = default_model_path()
     print(json.dumps(measure(a.num_threads, a.model_path), indent=2))

@@ -26,10 +26,19 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from eval_agent.agents import Agent, load_agent_config, make_agent
+from eval_agent.agents.base import MAX_NEW_TOKENS, TEMPERATURE, TOP_P
 from eval_agent.config import TASK_PATH_ENV, ConfigError, describe_tasks, load_task_config
-from eval_agent.runner import (EnvPool, compute_metrics, is_complete, is_infrastructure_failure, read_result,
-                               run_episode, task_filename, write_json_atomic)
+from eval_agent.runner import (
+    EnvPool,
+    compute_metrics,
+    is_complete,
+    is_infrastructure_failure,
+    read_result,
+    run_episode,
+    task_filename,
+)
 from eval_agent.tasks.base import shard, spread_subset
+from fastchat.records import write_json_atomic
 
 log = logging.getLogger("eval_agent")
 
@@ -59,12 +68,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--task_ids", default=None,
                    help="JSON file with a list of task ids: play only these tasks of the split (before sampling)")
     p.add_argument("--max_steps", type=int, default=None, help="lower every episode's step limit (small runs)")
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--top_p", type=float, default=None)
+    # generation knobs: None = the agent config's, else the agent's default (eval_agent/agents/base.py)
+    p.add_argument("--temperature", type=float, default=None,
+                   help=f"sampling temperature, 0 = greedy (default: the agent config's, else {TEMPERATURE})")
+    p.add_argument("--top_p", type=float, default=None,
+                   help=f"nucleus sampling (default: the agent config's, else {TOP_P})")
     p.add_argument("--samples_per_task", type=int, default=1,
                    help="play each task K times (sample k -> <id>__s<k>.json; use --temperature > 0); metrics add "
                         "best-of-K reward and pass@K")
-    p.add_argument("--max_new_tokens", type=int, default=None)
+    p.add_argument("--max_new_tokens", type=int, default=None,
+                   help=f"tokens per answer (default: the agent config's, else {MAX_NEW_TOKENS})")
     p.add_argument("--icl_num", type=int, default=None, help="in-context examples (default: the task config's)")
     p.add_argument("--controller_address", default=None, help="FastChat controller URL (fastchat agent)")
     p.add_argument("--verbose", action="store_true", help="log every model answer and observation")
@@ -132,7 +145,7 @@ def run(args: argparse.Namespace, agent: Agent | None = None, envs: EnvPool | No
 
     tasks = shard(cfg.make_loader().load(args.split), args.part_num, args.part_idx)
     if args.task_ids:
-        tasks = _only_ids(tasks, Path(args.task_ids), cfg.name, args.split)
+        tasks = only_ids(tasks, Path(args.task_ids), cfg.name, args.split)
     if args.sample_tasks is not None:
         tasks = spread_subset(tasks, args.sample_tasks, args.sample_seed)
     if args.max_tasks is not None:
@@ -219,7 +232,7 @@ def run(args: argparse.Namespace, agent: Agent | None = None, envs: EnvPool | No
     return 0
 
 
-def _only_ids(tasks: list, path: Path, task_name: str, split: str) -> list:
+def only_ids(tasks: list, path: Path, task_name: str, split: str) -> list:
     try:
         wanted = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:

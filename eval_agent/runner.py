@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -28,8 +26,9 @@ from typing import Any
 
 from eval_agent.agents.base import Agent, ContextOverflowError, ModelError
 from eval_agent.config import TaskConfig
-from eval_agent.prompt import build_messages, record_turns
+from eval_agent.prompt import build_messages
 from eval_agent.tasks.base import Task
+from fastchat.records import record_turns, trajectory_record
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +98,7 @@ class EnvPool:
 def run_episode(cfg: TaskConfig, task: Task, agent: Agent, icl_num: int, instruction: str,
                 icl_messages: list[dict[str, str]], envs: EnvPool | None = None, max_steps: int | None = None,
                 verbose: bool = False, raise_errors: bool = False, replay: list[str] = ()) -> dict[str, Any]:
-    """Play one task; return {"id", "meta", "conversations"}.
+    """Play one task; return its episode record {"id", "conversations", "meta"} (fastchat.records).
 
     `max_steps` lowers the env's step limit (for small runs). `replay`: answers given in the agent's place for
     the first steps (a trajectory's prefix, replayed through the real env), after which the agent goes on.
@@ -158,7 +157,7 @@ def run_episode(cfg: TaskConfig, task: Task, agent: Agent, icl_num: int, instruc
             pool.close_all()
     meta = {**state, "final_observation": final_observation,
             "cost": episode_cost(calls, state["steps"], time.monotonic() - started)}
-    return {"id": task.id, "meta": meta, "conversations": turns}
+    return trajectory_record(task.id, turns, meta=meta)
 
 
 def _answer(agent: Agent, messages: list[dict[str, str]], calls: list, env, task: Task,
@@ -215,27 +214,6 @@ def task_filename(task_id: str, sample: int = 0, samples_per_task: int = 1) -> s
     """<id>.json, or <id>__s<k>.json for sample k when each task is played several times."""
     stem = re.sub(r"[^\w.\-]+", "_", str(task_id))
     return f"{stem}__s{sample}.json" if samples_per_task > 1 else f"{stem}.json"
-
-
-def write_json_atomic(path: Path, data: Any, indent: int | None = 2) -> None:
-    """Write to a temp file in the same folder, then rename: readers never see half a file. The one JSON writer
-    of eval_agent and scripts/ (episode files, pairs, expert data)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        # a lone surrogate (broken model output) cannot be UTF-8: write it as its JSON escape, which reads back
-        # as the same string
-        text = json.dumps(data, ensure_ascii=False, indent=indent).encode("utf-8", errors="backslashreplace")
-        with os.fdopen(fd, "wb") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; data files are shared like any other output
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_result(path: Path) -> dict[str, Any] | None:

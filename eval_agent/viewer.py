@@ -13,7 +13,8 @@ Pages (plain HTML, no JavaScript):
 - pairs / pair: chosen and rejected side by side after their common prompt (and the prefix of a step-level
   pair), the first divergent step marked, the rewards and the length cap applied to the rejected side.
 
-Files are read on every request, so a run in progress shows what it has done so far. Everything an episode
+Run folders are read through eval_agent.run_layout, the layout the pipeline writes them in. Files are read on every
+request, so a run in progress shows what it has done so far. Everything an episode
 holds is model or environment output: the templates escape it (Jinja autoescaping).
 """
 from __future__ import annotations
@@ -25,11 +26,11 @@ from typing import Any
 
 from flask import Flask, abort, render_template, request, send_file, url_for
 
+from eval_agent.run_layout import EXPLORE, RunLayout, iteration_number
 from eval_agent.runner import read_result, reason_kind, task_filename
+from fastchat.records import PROMPT_TURNS
 
 HERE = Path(__file__).resolve().parent
-EPISODE_KINDS = ("eval", "explore")  # <run>/eval/<name>, <run>/explore/<name>
-PROMPT_TURNS = 3  # instruction, "OK", task
 SORT_KEYS = ("id", "reward", "success", "steps", "reason", "change")
 FILTERS = {"success": ("yes", "no"), "change": ("better", "worse", "same")}
 
@@ -46,7 +47,8 @@ class Run:
         self.root = root.resolve()
         if not self.root.is_dir():
             raise ViewerError(f"{root}: no such folder")
-        self.is_run = any((self.root / d).is_dir() for d in ("stages", *EPISODE_KINDS))
+        self.layout = RunLayout(self.root)
+        self.is_run = self.layout.is_run()
         if not self.is_run and not episodes(self.root):
             raise ViewerError(f"{root}: neither a run folder (with eval/, explore/ or stages/) nor a folder of "
                               "episode files (<task id>.json with 'meta')")
@@ -55,15 +57,15 @@ class Run:
         """Folders of episodes in run order: {stage name: folder}; eval/sft is stage eval_sft."""
         if not self.is_run:
             return {self.root.name: self.root}
-        found = {f"{kind}_{d.name}": d for kind in EPISODE_KINDS for d in (self.root / kind).glob("*") if d.is_dir()}
+        found = self.layout.episode_stages()
         return dict(sorted(found.items(), key=lambda item: stage_order(item[0])))
 
     def pair_sets(self) -> dict[str, Path]:
         """{name: pair file}; pairs/iter1.json is pairs_iter1, built from stage explore_iter1."""
-        return {f"pairs_{p.stem}": p for p in sorted((self.root / "pairs").glob("*.json"))}
+        return self.layout.pair_sets()
 
-    def json_file(self, name: str) -> Any:
-        path = self.root / name
+    @staticmethod
+    def json_file(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
@@ -72,9 +74,9 @@ def stage_order(name: str) -> tuple:
     kind, _, rest = name.partition("_")
     order = {"base": -2, "sft": -1}.get(rest)
     if order is None:
-        number = rest.removeprefix("iter")
-        order = int(number) if number.isdigit() else 10**9
-    return (order, kind != "explore", name)
+        number = iteration_number(rest)
+        order = 10**9 if number is None else number
+    return (order, kind != EXPLORE, name)
 
 
 def episodes(folder: Path) -> dict[str, dict]:
@@ -172,10 +174,6 @@ def create_app(run: Run) -> Flask:
             abort(404, f"no pair file {name!r}; pair files: {', '.join(files) or 'none'}")
         return json.loads(files[name].read_text(encoding="utf-8"))
 
-    def explore_stage(pairs_name: str) -> str:
-        """pairs_iter1 and the step pairs pairs_iter1_step come from explore_iter1."""
-        return "explore_" + pairs_name.removeprefix("pairs_").removesuffix("_step")
-
     @app.get("/")
     def index():
         stages = []
@@ -187,17 +185,17 @@ def create_app(run: Run) -> Flask:
                            "success": sum(r["success"] for r in rows) / n if n else None})
         pair_sets = [{"name": name, "pairs": len(json.loads(path.read_text(encoding="utf-8")))}
                      for name, path in run.pair_sets().items()]
-        summary = run.json_file("summary.json")
+        summary = run.json_file(run.layout.summary_json)
         costs = (summary or {}).get("costs")
         # columns no stage has a number for (GPU-seconds on a CPU run) are left out
         cost_fields = [f for f, v in costs["total"].items() if v is not None] if costs else []
         return render_template("run.html", run=run, summary=summary, costs=costs, cost_fields=cost_fields,
-                               settings=run.json_file("settings.json"), stages=stages, pair_sets=pair_sets,
-                               plot=(run.root / "summary.png").is_file(), stage_names=set(run.stages()))
+                               settings=run.json_file(run.layout.settings), stages=stages, pair_sets=pair_sets,
+                               plot=run.layout.summary_png.is_file(), stage_names=set(run.stages()))
 
     @app.get("/summary.png")
     def plot():
-        path = run.root / "summary.png"
+        path = run.layout.summary_png
         if not path.is_file():
             abort(404, "this run has no summary.png yet")
         return send_file(path, mimetype="image/png")
@@ -247,7 +245,7 @@ def create_app(run: Run) -> Flask:
         """{task id: (pair file name, index)} of the pairs built from this exploration stage."""
         found: dict[str, tuple[str, int]] = {}
         for name in run.pair_sets():
-            if explore_stage(name) == stage_name:
+            if RunLayout.explored_by(name) == stage_name:
                 for i, p in enumerate(pair_set(name)):
                     found.setdefault(str(p.get("id")), (name, i))  # a task's first pair (step-level pairs follow)
         return found
@@ -276,7 +274,7 @@ def create_app(run: Run) -> Flask:
                          "rejected_rounds_total": p.get("rejected_rounds_total"),
                          "cap": p.get("rejected_cap_rounds"), "step_level": p.get("kind") == "step",
                          "divergence": view["divergence"]})
-        return render_template("pairs.html", run=run, name=name, rows=rows, explore=explore_stage(name))
+        return render_template("pairs.html", run=run, name=name, rows=rows, explore=RunLayout.explored_by(name))
 
     @app.get("/pair/<name>/<int:index>")
     def pair(name: str, index: int):
@@ -290,7 +288,7 @@ def create_app(run: Run) -> Flask:
                  "rejected": r[i] if i < len(r) else None, "divergent": len(prefix) + i + 1 == view["divergence"]}
                 for i in range(max(len(c), len(r)))]
         agent = {"win": "chosen", "lose": "rejected"}.get(p.get("outcome"))  # the other side is the expert's
-        explore = explore_stage(name)
+        explore = RunLayout.explored_by(name)
         sample = p.get(f"{agent}_sample") if agent else None
         key = task_filename(str(p.get("id")), sample or 0, 2 if sample is not None else 1).removesuffix(".json")
         folder = run.stages().get(explore)

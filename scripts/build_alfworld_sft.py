@@ -1,11 +1,11 @@
 """Build data/alfworld_sft.json: expert ALFWorld trajectories for SFT.
 
-    python scripts/build_alfworld_sft.py                      # all train games, ~2-4 min
-    python scripts/build_alfworld_sft.py --verify 200         # also replay 200 of them through AlfWorldEnv
-    python scripts/build_alfworld_sft.py --limit 50 --out /tmp/alf.json
+    python -m scripts.build_alfworld_sft                      # all train games, ~2-4 min
+    python -m scripts.build_alfworld_sft --verify 200         # also replay 200 of them through AlfWorldEnv
+    python -m scripts.build_alfworld_sft --limit 50 --out /tmp/alf.json
 
 If the official ETO file data/eto_sft/alfworld_sft.json exists it is converted to our format
-(scripts/convert_eto_sft.py; --rebuild or --limit build ours instead, and so does a refused file).
+(scripts.convert_eto_sft; --rebuild or --limit build ours instead, and so does a refused file).
 Otherwise every train game's gt_traj.json (the
 handcoded expert's actions with the game's observations) becomes one record in our
 format: instruction, "OK", the task text without the TextWorld banner, then gpt turns
@@ -18,7 +18,7 @@ requires (the right object, processed if asked, put in/on a receptacle of the go
 type, or looked at under the lamp); the few the check cannot confirm (games won early)
 are replayed through AlfWorldEnv and kept only if they win. --verify N also replays N
 kept trajectories (spread over task types) and drops any that do not win. The output is written atomically; counts, rewards and time are printed.
-"""
+"""  # noqa: E501
 from __future__ import annotations
 
 import argparse
@@ -33,13 +33,10 @@ from pathlib import Path
 from eval_agent.config import load_task_config
 from eval_agent.envs.alfworld_env import AlfWorldEnv, format_observation, task_text
 from eval_agent.paths import alfworld_data_dir, data_dir
-from eval_agent.prompt import record_turns
-from eval_agent.runner import write_json_atomic
 from eval_agent.tasks.alfworld import AlfWorldLoader, task_id
 from eval_agent.tasks.base import Task
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from convert_eto_sft import try_official  # noqa: E402
+from fastchat.records import record_turns, trajectory_record, write_json_atomic
+from scripts.convert_eto_sft import try_official
 
 PROCESS = {"pick_clean_then_place_in_recep": ("clean", "sinkbasin"),
            "pick_heat_then_place_in_recep": ("heat", "microwave"),
@@ -78,7 +75,7 @@ class Expert:
             return (f"To solve the task, I need to {find}, {self.verb} it with {article(self.appliance)}, "
                     f"then put it in/on {article(self.parent)}.")
         if self.need == 2:
-            return f"To solve the task, I need to find two {self.obj}s and put them in/on {article(self.parent)}, one at a time."
+            return f"To solve the task, I need to find two {self.obj}s and put them in/on {article(self.parent)}, one at a time."  # noqa: E501
         return f"To solve the task, I need to {find}, then put it in/on {article(self.parent)}."
 
     def thought(self, action: str, last_obs: str) -> str:
@@ -126,7 +123,7 @@ class Expert:
         if m := re.fullmatch(r"use (.+)", action):
             if self.held and kind_of(self.held) == self.obj and kind_of(m[1]) == self.lamp:
                 self.looked = True
-                return f"I am holding the {self.held} and the {m[1]} is here. I will turn it on to look at the {self.obj} under its light."
+                return f"I am holding the {self.held} and the {m[1]} is here. I will turn it on to look at the {self.obj} under its light."  # noqa: E501
             return f"I will use the {m[1]}."
         return f"I will {action}."
 
@@ -170,9 +167,9 @@ def convert(game_dir: Path, instruction: str, max_steps: int) -> tuple[dict | No
         conversation.append({"from": "human", "value": format_observation(feedback)})
     conversation.pop()  # the observation after the winning action is not a model input
     root = alfworld_data_dir()
-    record = {"id": task_id(game_dir), "conversations": conversation, "reward": 1.0,
-              "game_file": (game_dir / "game.tw-pddl").relative_to(root).as_posix(),
-              "task_type": meta["task_type"]}
+    record = trajectory_record(task_id(game_dir), conversation, reward=1.0,
+                               game_file=(game_dir / "game.tw-pddl").relative_to(root).as_posix(),
+                               task_type=meta["task_type"])
     return record, "ok" if expert.reached_goal() else "unconfirmed"
 
 

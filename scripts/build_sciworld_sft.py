@@ -1,11 +1,11 @@
 """Build data/sciworld_sft.json: expert ScienceWorld trajectories for SFT.
 
-    python scripts/build_sciworld_sft.py                    # train split, 2 processes
-    python scripts/build_sciworld_sft.py --limit 50 --out /tmp/sw.json --workers 1
-    python scripts/build_sciworld_sft.py --sample 120 --out data/sciworld_sft_120.json   # spread over types
+    python -m scripts.build_sciworld_sft                    # train split, 2 processes
+    python -m scripts.build_sciworld_sft --limit 50 --out /tmp/sw.json --workers 1
+    python -m scripts.build_sciworld_sft --sample 120 --out data/sciworld_sft_120.json   # spread over types
 
 If the official ETO file data/eto_sft/sciworld_sft.json exists it is converted to our format
-(scripts/convert_eto_sft.py; --rebuild, --split, --limit or --sample build ours instead, and so does a
+(scripts.convert_eto_sft; --rebuild, --split, --limit or --sample build ours instead, and so does a
 refused file). Otherwise, for every task of the split the
 simulator's gold action sequence is replayed through our env class
 (eval_agent.envs.sciworld_env.ScienceWorldEnv), so the stored observations are
@@ -17,7 +17,7 @@ env scores as success with reward 1.0 within the task's step limit are kept.
 Progress goes to <out dir>/.tmp/<out name>.partial.jsonl as tasks finish: an interrupted run resumes
 from there. The final file is written atomically; the script prints the counts,
 the reward histogram of the kept records, why the others were dropped, and the time.
-"""
+"""  # noqa: E501
 from __future__ import annotations
 
 import argparse
@@ -31,12 +31,9 @@ from pathlib import Path
 
 from eval_agent.config import load_task_config
 from eval_agent.paths import data_dir
-from eval_agent.prompt import record_turns
-from eval_agent.runner import write_json_atomic
 from eval_agent.tasks.base import Task, spread_subset
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from convert_eto_sft import try_official  # noqa: E402
+from fastchat.records import record_turns, trajectory_record, write_json_atomic
+from scripts.convert_eto_sft import try_official
 
 _ENV = None  # one ScienceWorldEnv (one JVM) per worker process
 
@@ -139,10 +136,9 @@ def _worker_play(args: tuple[dict, int, str, int]) -> dict:
                 "seconds": time.time() - start}
     out = {"id": task.id, "seconds": round(time.time() - start, 3), "reward": state.reward}
     if state.success and state.reward == 1.0:
-        out.update(kept=True, record={"id": task.id, "conversations": turns, "reward": state.reward,
-                                      "task_name": task.data["task_name"], "variation": task.data["variation"],
-                                      "steps": state.steps,
-                                      "expert": "gold" if list(actions) == gold else "gold-shortened"})
+        out.update(kept=True, record=trajectory_record(
+            task.id, turns, reward=state.reward, task_name=task.data["task_name"], variation=task.data["variation"],
+            steps=state.steps, expert="gold" if list(actions) == gold else "gold-shortened"))
     else:
         reason = state.terminate_reason or f"gold path ended unfinished ({len(gold)} actions)"
         reason += f" (gold path {len(gold)} actions, step limit {_ENV.max_steps})"

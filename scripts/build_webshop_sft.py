@@ -1,6 +1,6 @@
 """Build WebShop expert trajectories (SFT data) with the goal-aware oracle.
 
-    python scripts/build_webshop_sft.py [--split train] [--num_goals 2000] [--min_reward 0.7]
+    python -m scripts.build_webshop_sft [--split train] [--num_goals 2000] [--min_reward 0.7]
                                         [--out data/webshop_sft.json]
 
 Plays the oracle (webshop.oracle) through eval_agent's WebShop env on the first N goals of the split, keeps
@@ -8,7 +8,7 @@ trajectories with reward >= --min_reward (WebShop's own filter for its demonstra
 a JSON list of {"id", "conversations", "reward"} in the project's SFT format. Prints the reward distribution.
 
 If the official ETO file data/eto_sft/webshop_sft.json exists it is converted to our format
-(scripts/convert_eto_sft.py; --rebuild, a split other than train or fewer --num_goals than the train split has
+(scripts.convert_eto_sft; --rebuild, a split other than train or fewer --num_goals than the train split has
 build ours instead, and so does a refused file, e.g. when our shop has synthetic goals only). --min_reward applies to
 our build only.
 """
@@ -22,12 +22,9 @@ from pathlib import Path
 
 from eval_agent.config import load_task_config
 from eval_agent.paths import data_dir, webshop_data_dir
-from eval_agent.prompt import record_turns
-from eval_agent.runner import write_json_atomic
+from fastchat.records import record_turns, trajectory_record, write_json_atomic
+from scripts.convert_eto_sft import official_path, try_official
 from webshop.oracle import load_query_map, oracle_plan
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from convert_eto_sft import official_path, try_official  # noqa: E402
 
 
 def play(env, plan) -> tuple[list[dict[str, str]], float]:
@@ -61,8 +58,7 @@ def build(split: str, num_goals: int | None, min_reward: float) -> tuple[list[di
         turns, reward = play(env, plan)
         rewards.append(reward)
         if reward >= min_reward:
-            records.append({"id": task.id, "conversations": record_turns(instruction, task_text) + turns,
-                            "reward": reward})
+            records.append(trajectory_record(task.id, record_turns(instruction, task_text) + turns, reward=reward))
     return records, rewards, unfound
 
 

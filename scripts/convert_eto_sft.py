@@ -1,9 +1,9 @@
 """Convert ETO's released expert trajectories (data/eto_sft/<task>_sft.json) into this project's SFT format.
 
-    python scripts/convert_eto_sft.py --task alfworld            # -> data/alfworld_sft.json
-    python scripts/convert_eto_sft.py --task sciworld --official PATH --out PATH
+    python -m scripts.convert_eto_sft --task alfworld            # -> data/alfworld_sft.json
+    python -m scripts.convert_eto_sft --task sciworld --official PATH --out PATH
 
-The build scripts (scripts/build_<task>_sft.py) call this when the official file exists. Each official
+The build scripts (scripts/build_<task>_sft.py) call this (try_official) when the official file exists. Each official
 record becomes {"id", "conversations", "reward", "eto_id", **the task's data}:
 - id: the id our task loader gives the same task, from the official key the original pairs by
   (WebShop: the goal index -> "webshop_<i>"; ScienceWorld: "<taskname2id number>_<variation>" ->
@@ -35,9 +35,8 @@ from typing import Any, Callable, Iterator
 
 from eval_agent.config import load_task_config
 from eval_agent.paths import alfworld_data_dir, data_dir, eto_split_dir, webshop_data_dir
-from eval_agent.prompt import record_turns
-from eval_agent.runner import write_json_atomic
 from eval_agent.tasks.base import Task
+from fastchat.records import RecordError, read_json, record_turns, trajectory_record, write_json_atomic
 
 BENCHMARKS = ("webshop", "sciworld", "alfworld")
 # The prefix our env puts before every observation after the task text.
@@ -47,7 +46,7 @@ DUPLICATE = "duplicate id (the last record with it is kept, as in the original's
 NO_GT_TRAJ = "our game has no gt_traj.json to take the task text from"
 
 
-class OfficialFileError(ValueError):
+class OfficialFileError(RecordError):
     """The official file cannot be converted exactly; the message names the file, the record and the field."""
 
 
@@ -238,8 +237,8 @@ def convert_records(benchmark: str, records: Any, official: Path, tasks: dict[st
             conversation.pop()
         if our_id in by_id:
             refused[DUPLICATE] += 1
-        by_id[our_id] = {"id": our_id, "conversations": conversation, "reward": reward, "eto_id": rec.get("id"),
-                         **({"source": rec["source"]} if "source" in rec else {}), **task.data}
+        by_id[our_id] = trajectory_record(our_id, conversation, reward=reward, eto_id=rec.get("id"),
+                                          **({"source": rec["source"]} if "source" in rec else {}), **task.data)
     if mismatches:
         raise OfficialFileError(
             f"{official}: {len(mismatches)} of {len(records)} records have a task text that differs from the one "
@@ -251,11 +250,9 @@ def convert_records(benchmark: str, records: Any, official: Path, tasks: dict[st
 
 
 def convert_file(benchmark: str, official: Path, out: Path) -> collections.Counter:
-    """Convert `official` into `out`; returns the refused counts. Raises OfficialFileError (nothing written)."""
-    try:
-        records = json.loads(official.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise OfficialFileError(f"{official}: cannot read JSON ({e})") from None
+    """Convert `official` into `out`; returns the refused counts. Raises RecordError (an unreadable file) or
+    OfficialFileError (nothing written)."""
+    records = read_json(official)
     if benchmark == "webshop":
         check_webshop_goals(official)
     id_of = {"webshop": webshop_id, "alfworld": alfworld_id}.get(benchmark) or sciworld_id_mapper()
@@ -284,7 +281,7 @@ def try_official(benchmark: str, out: Path, whole_train_split: bool) -> bool:
         return False
     try:
         convert_file(benchmark, official, out)
-    except OfficialFileError as e:
+    except RecordError as e:
         print(f"not using the official ETO file: {e}\nbuilding our own expert data instead", file=sys.stderr)
         return False
     return True
@@ -299,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         convert_file(args.task, args.official or official_path(args.task),
                      args.out or data_dir() / f"{args.task}_sft.json")
-    except OfficialFileError as e:
+    except RecordError as e:
         print(f"refused: {e}", file=sys.stderr)
         return 1
     return 0

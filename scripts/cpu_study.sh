@@ -14,5 +14,5 @@ SAVE=${1:-outputs}
 PYTHON=${PYTHON:-python3}
 EXPERT=data/sciworld_study_sft.json
 # built once: a rerun keeps the file its finished stages were trained and paired with
-[ -f "$EXPERT" ] || "$PYTHON" scripts/build_sciworld_sft.py --sample 120 --seed 0 --out "$EXPERT" --rebuild
+[ -f "$EXPERT" ] || "$PYTHON" -m scripts.build_sciworld_sft --sample 120 --seed 0 --out "$EXPERT" --rebuild
 bash run_eto.sh sciworld cpu-study "" "$SAVE" --sft_data "$EXPERT" "${@:2}"

@@ -158,7 +158,7 @@ def pip_constraints(folder: Path) -> Path:
     return path
 
 
-def install_torch(pins: dict[str, str]) -> None:
+def install_torch(pins: dict[str, str], constraints: str) -> None:
     """The lock's torch where none is installed or a CPU build of another version is: a CUDA build is the
     machine's own and stays. ETO_TORCH_INDEX names another index for the CPU build (e.g. PyTorch's CPU index)."""
     want, have = pins.get("torch"), installed_version("torch")
@@ -166,7 +166,7 @@ def install_torch(pins: dict[str, str]) -> None:
         return
     index = os.environ.get("ETO_TORCH_INDEX")
     print(f"[deps] installing torch=={want}" + (f" from {index}" if index else ""))
-    pip(sys.executable, f"torch=={want}", *(["--index-url", index] if index else []))
+    pip(sys.executable, f"torch=={want}", "-c", constraints, *(["--index-url", index] if index else []))
 
 
 def install() -> int:
@@ -175,9 +175,9 @@ def install() -> int:
         print("[deps] installed versions match requirements.lock")
         return 0
     print("[deps] installing the lock's versions:\n  " + "\n  ".join(diff))
-    install_torch(read_lock())
     with tempfile.TemporaryDirectory() as tmp:
         constraints = str(pip_constraints(Path(tmp)))
+        install_torch(read_lock(), constraints)
         pip(sys.executable, "-r", str(REQUIREMENTS), *BUILD, *EXTRA, "-c", constraints)
         pip(sys.executable, "--no-deps", *NO_DEPS, "-c", constraints)
     diff = differences()

@@ -1,6 +1,6 @@
 """What DPO did to the pairs it trained on: chosen / rejected log-probabilities before and after.
 
-    python scripts/dpo_diagnostics.py --pairs outputs/run/pairs/iter1.json \\
+    python -m scripts.dpo_diagnostics --pairs outputs/run/pairs/iter1.json \\
         --before outputs/run/models/sft --after outputs/run/models/dpo_iter1 --out diag.json
 
 For every pair: the summed log-probability of the chosen and rejected continuations (assistant tokens,
@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from fastchat.conversation import template_for_model
-from fastchat.train.data import DPOCollator, atomic_write_json, encode_dpo, load_dpo_records
+from fastchat.records import write_json_atomic
+from fastchat.train.data import DPOCollator, encode_dpo, load_dpo_records
 from fastchat.train.train_dpo import sequence_logps
 
 
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         "mean_margin": sum(r["margin"] for r in rows) / n,
         "fraction_margin_positive": sum(r["margin_positive"] for r in rows) / n,
     }
-    atomic_write_json(a.out, {"summary": summary, "pairs": rows, "trainer_log": trainer_log(a.after)})
+    write_json_atomic(a.out, {"summary": summary, "pairs": rows, "trainer_log": trainer_log(a.after)})
     print(json.dumps(summary, indent=1))
     return 0
 

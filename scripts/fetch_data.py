@@ -1,14 +1,15 @@
 """Fetch the data items listed in data/manifest.json: from a local mirror first, else the official source.
 
-    python scripts/fetch_data.py                      # everything, into data/
-    ETO_DATA_MIRROR=../shared/data python scripts/fetch_data.py
-    python scripts/fetch_data.py --only alfworld_data --force
+    python -m scripts.fetch_data                      # everything, into data/
+    ETO_DATA_MIRROR=../shared/data python -m scripts.fetch_data
+    python -m scripts.fetch_data --only alfworld_data --force
 
 Each item is checked against its sha256, unpacked in a scratch folder and moved
 into place only when complete, then stamped (data/.stamps/<name>.json); a
 stamped item is skipped on the next run. Exit status 1 when a required item is
 missing; every missing item is named with where it was looked for. Standard
-library only, so it runs before the Python dependencies are installed.
+library only (fastchat.records is too), so `python -m scripts.fetch_data` runs
+before the Python dependencies are installed.
 """
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ import tempfile
 import urllib.request
 import zipfile
 from pathlib import Path
+
+from fastchat.records import write_json_atomic
 
 REPO = Path(__file__).resolve().parent.parent
 MANIFEST = REPO / "data" / "manifest.json"
@@ -56,7 +59,7 @@ def load_manifest(path: Path = MANIFEST) -> list[dict]:
     try:
         items = json.loads(path.read_text())["items"]
     except (OSError, json.JSONDecodeError, KeyError) as e:
-        raise SystemExit(f"{path}: cannot read the data manifest ({e})")
+        raise SystemExit(f"{path}: cannot read the data manifest ({e})")  # noqa: B904
     for i, item in enumerate(items):
         for key in ("name", "kind", "dest"):
             if key not in item:
@@ -163,10 +166,7 @@ class Fetcher:
         return origin
 
     def _stamp(self, item: dict, targets: list[str], origin: str) -> None:
-        self.stamps.mkdir(parents=True, exist_ok=True)
-        tmp = self.stamp_path(item).with_suffix(".tmp")
-        tmp.write_text(json.dumps({"name": item["name"], "source": origin, "targets": targets}, indent=1))
-        os.replace(tmp, self.stamp_path(item))
+        write_json_atomic(self.stamp_path(item), {"name": item["name"], "source": origin, "targets": targets}, indent=1)
 
 
 def main(argv: list[str] | None = None) -> int:

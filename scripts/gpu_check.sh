@@ -4,6 +4,7 @@
 # eval_agent.main), then serving and training tokens/s. Exits non-zero on any failure.
 #
 #   bash scripts/gpu_check.sh [save_path]          # run folder <save_path>/gpu-check (default outputs)
+#   ETO_GPUS=1 bash scripts/gpu_check.sh           # on GPU 1 (default 0)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SAVE=${1:-outputs}
@@ -15,7 +16,7 @@ if not torch.cuda.is_available():
 print(f"[gpu-check] {torch.cuda.get_device_name(0)}, torch {torch.__version__}, bf16 {torch.cuda.is_bf16_supported()}")
 PY
 [ -f data/alfworld_sft.json ] || { echo "gpu_check.sh: data/alfworld_sft.json missing: run setup.sh" >&2; exit 1; }
-bash run_eto.sh alfworld gpu-check "" "$SAVE" --restart --gpus "${GPU:-0}" --iterations 1 --eval_base 0 \
+bash run_eto.sh alfworld gpu-check "" "$SAVE" --restart --gpus "${ETO_GPUS:-0}" --iterations 1 --eval_base 0 \
     --sft_samples 64 --sft_epochs 1 --sft_batch_size 16 --sft_per_device_batch_size 8 --model_max_length 2048 \
     --test_tasks 16 --train_tasks 16 --max_steps 10 --num_workers 16 --worker_batch_size 16 \
     --dpo_batch_size 8 --dpo_per_device_batch_size 4 --dpo_epochs 1

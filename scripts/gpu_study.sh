@@ -6,8 +6,9 @@
 #
 #   bash scripts/gpu_study.sh [save_path] [extra run_eto.sh flags]     # run folder <save_path>/gpu-study
 #
-# Settings: the `gpu-study` preset in scripts/eto_settings.py (64 concurrent episodes on one batching worker,
-# exploration of 256 train tasks spread over the task types, the original's global batch sizes).
+# Settings: the `gpu-study` preset, scripts/pipeline/presets/gpu-study.yaml (64 concurrent episodes on one batching
+# worker, exploration of 256 train tasks spread over the task types, the original's global batch sizes). GPU 0 unless
+# ETO_GPUS says otherwise.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SAVE=${1:-outputs}
@@ -17,5 +18,5 @@ java -version >/dev/null 2>&1 || { echo "gpu_study.sh: ScienceWorld needs Java 1
 EXPERT=data/sciworld_sft.json
 WORKERS=$(( $(nproc) > 2 ? $(nproc) - 2 : 1 ))
 # the whole train split's gold replays (1,483 tasks), once; a rerun resumes or keeps the finished file
-[ -f "$EXPERT" ] || "$PYTHON" scripts/build_sciworld_sft.py --out "$EXPERT" --workers "$WORKERS" --rebuild
-bash run_eto.sh sciworld gpu-study "" "$SAVE" --sft_data "$EXPERT" --gpus "${GPU:-0}" "${@:2}"
+[ -f "$EXPERT" ] || "$PYTHON" -m scripts.build_sciworld_sft --out "$EXPERT" --workers "$WORKERS" --rebuild
+bash run_eto.sh sciworld gpu-study "" "$SAVE" --sft_data "$EXPERT" --gpus "${ETO_GPUS:-0}" "${@:2}"

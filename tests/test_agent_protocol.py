@@ -5,8 +5,14 @@ from __future__ import annotations
 import pytest
 
 from eval_agent.agents.base import AGENT_STOP
-from eval_agent.envs.base import (EMPTY_ACTION_OBSERVATION, INVALID_FORMAT_OBSERVATION, MAX_ACTION_CHARS,
-                                  TOO_LONG_OBSERVATION, invalid_action_observation, parse_action)
+from eval_agent.envs.base import (
+    EMPTY_ACTION_OBSERVATION,
+    INVALID_FORMAT_OBSERVATION,
+    MAX_ACTION_CHARS,
+    TOO_LONG_OBSERVATION,
+    invalid_action_observation,
+    parse_action,
+)
 
 
 @pytest.mark.parametrize("answer, action", [

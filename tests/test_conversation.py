@@ -5,8 +5,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from fastchat.constants import default_model_path
-from fastchat.conversation import (TEMPLATES, HFTemplate, TemplateError, render, template_for_model,
-                                   tokenize_with_mask)
+from fastchat.conversation import TEMPLATES, HFTemplate, TemplateError, render, template_for_model, tokenize_with_mask
 
 MESSAGES = [
     {"role": "user", "content": "Put a clean mug on the shelf."},

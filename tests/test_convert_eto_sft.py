@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,11 +10,10 @@ from eval_agent.config import load_task_config
 from eval_agent.envs.alfworld_env import task_text
 from eval_agent.paths import alfworld_data_dir
 from eval_agent.tasks.base import Task
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-import build_alfworld_sft  # noqa: E402
-import convert_eto_sft as conv  # noqa: E402
-from construct_preference import load_expert  # noqa: E402
+from fastchat.records import write_json_atomic
+from scripts import build_alfworld_sft
+from scripts import convert_eto_sft as conv
+from scripts.pairs.files import load_expert
 
 GAME_DIR = "json_2.1.1/train/pick_clean_then_place_in_recep-Apple-None-DiningTable-4/trial_T20190908_104413_450768"
 GAME_ID = "alfworld-train-pick_clean_then_place_in_recep-Apple-None-DiningTable-4-trial_T20190908_104413_450768"
@@ -95,7 +93,7 @@ def test_sciworld_records_get_our_ids_reward_1_and_prefixed_observations(tmp_pat
     assert [t["value"] for t in rec["conversations"][:3]] == ["Our instruction.", "OK", ours]
     assert rec["conversations"][4]["value"] == "Observation: You teleport to the workshop."
     assert (rec["task_name"], rec["variation"]) == ("test-conductivity", 412)
-    conv.write_json_atomic(tmp_path / "out.json", converted)
+    write_json_atomic(tmp_path / "out.json", converted)
     assert list(load_expert(tmp_path / "out.json")) == ["sciworld-test-conductivity-412"]
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import threading
 from pathlib import Path
 
@@ -15,12 +14,12 @@ from eval_agent.agents import load_agent_config, make_agent
 from eval_agent.agents.openai_agent import OpenAIAgent
 from eval_agent.main import parse_args, run
 from eval_agent.runner import sum_costs
-from test_eval_agents import MESSAGES, _completion, agent_for, serve, start_fastchat  # noqa: F401 (serve: fixture)
+from scripts import eto_pipeline
+from scripts.pipeline.stages import Pipeline
+from scripts.pipeline.summary import write_summary
+from tests.test_eval_agents import MESSAGES, agent_for, chat_completion, serve, start_fastchat  # noqa: F401 (serve: fixture)
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "scripts"))
-import eto_pipeline  # noqa: E402
-from eto_summary import write_summary  # noqa: E402
 
 EPISODE_FIELDS = {"model_calls", "prompt_tokens", "completion_tokens", "env_steps", "episode_seconds"}
 
@@ -42,7 +41,7 @@ def test_fastchat_agent_reports_the_workers_token_counts_per_thread(serve):  # n
 
 
 def test_openai_agent_reports_the_servers_usage(serve, monkeypatch):  # noqa: F811
-    server = serve({"/v1/chat/completions": [(200, _completion("Action: look"))]})
+    server = serve({"/v1/chat/completions": [(200, chat_completion("Action: look"))]})
     agent = OpenAIAgent("tiny", base_url=server.address + "/v1", max_retries=0)
     assert agent(MESSAGES) == "Action: look"
     assert agent.take_usage() == (5, 3)
@@ -111,7 +110,7 @@ def test_pipeline_stage_records_carry_trainer_costs_and_gpu_seconds(tmp_path, mo
     args = eto_pipeline.parse_args(["alfworld", "exp", str(tmp_path / "model"), str(tmp_path / "runs"),
                                     "--gpus", "0,1,2", "--sft_data", str(tmp_path / "sft.json")])
     (tmp_path / "sft.json").write_text("[]")
-    pipeline = eto_pipeline.Pipeline(args)
+    pipeline = Pipeline(args)
 
     def trainer(stage, cmd):  # what fastchat.train.train leaves next to the model
         out = Path(cmd[cmd.index("--output_dir") + 1])

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,9 +14,7 @@ from eval_agent.envs.base import INVALID_FORMAT_OBSERVATION
 from eval_agent.paths import alfworld_data_dir, eto_split_dir
 from eval_agent.tasks.alfworld import TASK_TYPES, AlfWorldLoader
 from eval_agent.tasks.base import Task, shard
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-import build_alfworld_sft  # noqa: E402
+from scripts import build_alfworld_sft
 
 # a small kitchen game: the expert cleans an apple and puts it on the diningtable in 7 actions
 GAME = ("json_2.1.1/train/pick_clean_then_place_in_recep-Apple-None-DiningTable-4/"

@@ -4,7 +4,6 @@ All env tests share one env (one JVM) through a module-scoped fixture.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -15,15 +14,9 @@ from eval_agent.envs.base import INVALID_FORMAT_OBSERVATION, TOO_LONG_OBSERVATIO
 from eval_agent.envs.sciworld_env import ScienceWorldEnv, simplification_string
 from eval_agent.tasks.base import Task, shard
 from eval_agent.tasks.sciworld import SciWorldTaskLoader
+from scripts import build_sciworld_sft
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("build_sciworld_sft", REPO / "scripts" / "build_sciworld_sft.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -70,10 +63,10 @@ def test_replay_cases_cover_all_task_types_of_the_splits(loader):
 def test_gold_path_replay_scores_one(env, task_name, variation):
     """The simulator's expert, as the SFT build plays it, wins in our env. The simulator draws a
     new gold path per generation and some draws fail (freeze-9 failed 3 in a row once), so up to 8 are tried; per path the shortened
-    version (teleports) first, then the raw one."""
+    version (teleports) first, then the raw one."""  # noqa: E501
     # A generous limit: this checks the env's scoring, not ETO's step limits.
     env.switch_task(_task(task_name, variation, max_steps=10_000))
-    shorten = _load_script().shorten_gold_path
+    shorten = build_sciworld_sft.shorten_gold_path
     for _ in range(8):
         gold = env.gold_actions()
         for actions in (shorten(gold), gold):
@@ -252,7 +245,7 @@ def test_malformed_config_names_the_field(tmp_path, field, value, message):
 
 
 def test_thought_templates_describe_the_action():
-    script = _load_script()
+    script = build_sciworld_sft
     assert script.make_thought("pick up thermometer") == "I need the thermometer, so I pick it up."
     assert "option 1" in script.make_thought("1")
     assert script.shorten_gold_path(
@@ -263,7 +256,7 @@ def test_thought_templates_describe_the_action():
 @pytest.mark.slow
 def test_build_script_writes_successful_records(tmp_path):
     out = tmp_path / "sw.json"
-    assert _load_script().main(["--limit", "2", "--workers", "1", "--out", str(out), "--rebuild"]) == 0
+    assert build_sciworld_sft.main(["--limit", "2", "--workers", "1", "--out", str(out), "--rebuild"]) == 0
     records = json.loads(out.read_text())
     assert records and not (tmp_path / ".tmp" / "sw.json.partial.jsonl").exists()
     for r in records:

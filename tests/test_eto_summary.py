@@ -3,13 +3,9 @@ from __future__ import annotations
 
 import json
 import random
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "scripts"))
-
-from eto_summary import bootstrap_interval, paired_difference, write_summary  # noqa: E402
+from scripts.pipeline.summary import bootstrap_interval, paired_difference, write_summary
 
 
 def plain_bootstrap(values, resamples=20_000, seed=123):

@@ -159,7 +159,7 @@ def test_fastchat_agent_times_out_a_stalled_request(serve):
     assert time.monotonic() - start < 2.5
 
 
-def _completion(text):
+def chat_completion(text):
     return {"id": "c1", "object": "chat.completion", "created": 0, "model": "tiny",
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
             "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}}
@@ -167,7 +167,7 @@ def _completion(text):
 
 def test_openai_agent_uses_the_environment_and_maps_errors(serve, monkeypatch):
     server = serve({"/v1/chat/completions": [
-        (200, _completion(" Action: look \n")),
+        (200, chat_completion(" Action: look \n")),
         (400, {"object": "error", "message": "prompt too long", "code": ErrorCode.CONTEXT_OVERFLOW}),
         (503, {"object": "error", "message": "overloaded", "code": ErrorCode.ENGINE_OVERLOADED}),
     ]})

@@ -15,8 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import free_port
 from eval_agent.config import TASK_CONFIG_DIR
+from tests.conftest import bound_url, listen_flags
 
 pytestmark = pytest.mark.slow
 MODEL = "tiny"
@@ -28,10 +28,9 @@ class Servers:
 
     def __init__(self, tmp: Path, model_dir: Path):
         self.tmp, self.model_dir = tmp, model_dir
-        self.controller = f"http://127.0.0.1:{free_port()}"
         self.procs: list[subprocess.Popen] = []
-        self._start("controller", ["fastchat.serve.controller", "--port", self.controller.rsplit(":", 1)[1],
-                                   "--heart-beat-expiration", "3"])
+        self.controller = self._start_server("controller", ["fastchat.serve.controller", "--heart-beat-expiration",
+                                                            "3"])[1]
 
     def _start(self, name: str, args: list[str]) -> subprocess.Popen:
         log = open(self.tmp / f"{name}.log", "w")
@@ -40,12 +39,16 @@ class Servers:
         self.procs.append(proc)
         return proc
 
+    def _start_server(self, name: str, args: list[str]) -> tuple[subprocess.Popen, str]:
+        """One of our fastchat servers on a port it binds itself: its process and URL."""
+        port_file = self.tmp / f"{name}.port"
+        proc = self._start(name, [args[0], *listen_flags(port_file), *args[1:]])
+        return proc, bound_url(proc, port_file, log=self.tmp / f"{name}.log")
+
     def start_worker(self, name: str) -> subprocess.Popen:
-        port = free_port()
-        proc = self._start(name, ["fastchat.serve.model_worker", "--model-path", str(self.model_dir),
-                                  "--model-names", MODEL, "--port", str(port), "--controller-address",
-                                  self.controller, "--heart-beat-interval", "1", "--device", "cpu"])
-        address = f"http://127.0.0.1:{port}"
+        proc, address = self._start_server(name, ["fastchat.serve.model_worker", "--model-path",
+                                                  str(self.model_dir), "--model-names", MODEL, "--controller-address",
+                                                  self.controller, "--heart-beat-interval", "1", "--device", "cpu"])
         deadline = time.monotonic() + 180
         while address not in self.worker_addresses():
             assert proc.poll() is None, (self.tmp / f"{name}.log").read_text()[-3000:]

@@ -14,9 +14,10 @@ import pytest
 from eval_agent.agents.base import Agent, ContextOverflowError, ModelError
 from eval_agent.config import load_task_config
 from eval_agent.main import metrics_filename, parse_args, run
-from eval_agent.prompt import OK_REPLY, build_messages
-from eval_agent.runner import EnvPool, compute_metrics, is_complete, run_episode, task_filename, write_json_atomic
+from eval_agent.prompt import build_messages
+from eval_agent.runner import EnvPool, compute_metrics, is_complete, run_episode, task_filename
 from eval_agent.tasks.base import Task, shard
+from fastchat.records import OK_REPLY, write_json_atomic
 
 WRONG_FOCUS = "Thought: I will focus on the door.\nAction: focus on door"  # ScienceWorld ends the episode
 

@@ -17,10 +17,9 @@ import requests
 
 from fastchat.conversation import TEMPLATES, TemplateError, fastchat_prompt, render
 from fastchat.serve.base_worker import Worker, build_app
-from fastchat.serve.hosts import warn_if_not_loopback
+from fastchat.serve.hosts import listen, warn_if_not_loopback
 from fastchat.serve.model_worker import TransformersBackend
-
-from test_serve_stack import Procs, free_port, wait_until
+from tests.test_serve_stack import Procs, wait_until
 
 # FastChat's SeparatorStyle values as its workers send them (IntEnum, 1-based, in fschat 0.2.36's order)
 (ADD_COLON_SINGLE, ADD_COLON_TWO, ADD_COLON_SPACE_SINGLE, NO_COLON_SINGLE, NO_COLON_TWO, ADD_NEW_LINE_SINGLE,
@@ -123,7 +122,7 @@ CONVERSATIONS = [
     ([EMPTY_SYSTEM, USER], {"empty system"}),
     ([EMPTY_SYSTEM, USER, ANSWER, OBSERVATION], {"empty system", "earlier answer"}),
 ]
-# where FastChat's rendering of our template differs from ours (the README's table says the same)
+# where FastChat's rendering of our template differs from ours (docs/serving.md's table says the same)
 FASTCHAT_DIFFERS = {
     "chatml": {"no system", "empty system"},  # FastChat writes an empty system turn
     "llama-3": {"no system", "empty system"},
@@ -140,9 +139,10 @@ def serving(app):
     """An ASGI app served by uvicorn on loopback in this process."""
     import uvicorn
 
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
+    sock = listen("127.0.0.1", 0)  # bound here: no other process can take the port before uvicorn serves it
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     wait_until(lambda: server.started, 30, "in-process server")
     try:
@@ -251,12 +251,11 @@ def stack(tiny_model_dir, tmp_path_factory):
     """Our controller and API server (with --api-keys) in front of workers without /worker_render_chat."""
     tmp = tmp_path_factory.mktemp("interop")
     procs = Procs(tmp)
-    controller, api = f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
     with ExitStack() as workers:
         workers.callback(procs.stop_all)
-        cp, clog = procs.start("controller", "fastchat.serve.controller", "--port", controller.rsplit(":", 1)[1])
-        ap, alog = procs.start("api", "fastchat.serve.openai_api_server", "--port", api.rsplit(":", 1)[1],
-                               "--controller-address", controller, "--api-keys", ",".join(KEYS))
+        cp, clog, controller = procs.start_server("controller", "fastchat.serve.controller")
+        ap, alog, api = procs.start_server("api", "fastchat.serve.openai_api_server", "--controller-address",
+                                           controller, "--api-keys", ",".join(KEYS))
         wait_until(lambda: requests.post(controller + "/list_models", timeout=2).ok, 60, "controller", cp, clog)
         wait_until(lambda: requests.get(api + "/v1/models", timeout=2).status_code == 401, 60, "api server", ap,
                    alog)
@@ -312,11 +311,9 @@ def test_api_keys_are_required(stack):
 def test_servers_warn_only_when_listening_beyond_loopback(stack, tmp_path):
     assert "not a loopback address" not in stack["api_log"].read_text()
     procs = Procs(tmp_path)
-    port = free_port()
     try:
-        controller, log = procs.start("exposed", "fastchat.serve.controller", "--host", "0.0.0.0", "--port",
-                                      str(port))
-        wait_until(lambda: requests.post(f"http://127.0.0.1:{port}/list_models", timeout=2).ok, 60,
+        controller, log, url = procs.start_server("exposed", "fastchat.serve.controller", "--host", "0.0.0.0")
+        wait_until(lambda: requests.post(f"{url}/list_models", timeout=2).ok, 60,
                    "controller on 0.0.0.0", controller, log)
         assert "controller listening on 0.0.0.0, which is not a loopback address" in log.read_text()
     finally:

@@ -10,16 +10,16 @@ from pathlib import Path
 import pytest
 
 from eval_agent.agents import Agent
-from eval_agent.config import load_task_config
+from eval_agent.config import import_object, load_task_config
 from eval_agent.runner import compute_metrics
+from scripts import construct_preference
+from scripts.pairs.files import load_expert, load_explored
+from scripts.pairs.step import Rollouts, build_step_pairs, prefix_lengths
 
 REPO = Path(__file__).resolve().parent.parent
 NEW_TASK = REPO / "tests" / "newtask"
-sys.path.insert(0, str(REPO / "scripts"))
-sys.path.insert(0, str(NEW_TASK))
-import construct_preference  # noqa: E402
-from build_keyroom_sft import expert_steps  # noqa: E402
-from step_pairs import Rollouts, build_step_pairs, prefix_lengths  # noqa: E402
+# the key room's own module, imported as the task plugin mechanism imports the modules beside a config
+expert_steps = import_object("build_keyroom_sft:expert_steps", NEW_TASK / "keyroom.yaml", "expert_steps")
 
 PROMPT = [{"from": "human", "value": "Instruction."}, {"from": "gpt", "value": "OK"}]
 
@@ -129,14 +129,14 @@ def keyroom(tmp_path):
     expert_path = tmp_path / "keyroom_sft.json"
     subprocess.run([sys.executable, str(NEW_TASK / "build_keyroom_sft.py"), "--out", str(expert_path)], check=True,
                    capture_output=True, cwd=NEW_TASK, timeout=120)
-    experts = construct_preference.load_expert(expert_path)
+    experts = load_expert(expert_path)
     ids = ["keyroom-train-0", "keyroom-train-1"]
     explore = tmp_path / "explore"
     for tid in ids:
         rec = run_episode(cfg, tasks[tid], LookAgent("look"), cfg.icl_num, cfg.instruction_text(), cfg.icl_messages(),
                           max_steps=6)
         write_samples(explore, [{**rec, "meta": {**rec["meta"], "sample": 0}}])
-    return cfg, tasks, {k: v for k, v in experts.items() if k in ids}, construct_preference.load_explored(explore)
+    return cfg, tasks, {k: v for k, v in experts.items() if k in ids}, load_explored(explore)
 
 
 def test_step_pairs_where_the_expert_step_gains_reward(keyroom, tmp_path):

@@ -11,6 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from eval_agent.run_layout import RunLayout
+from scripts import eto_pipeline
+from scripts.pipeline.backends import worker_flags
+from scripts.pipeline.services import Services, gpu_groups
+from scripts.pipeline.settings import accumulation_steps
+from scripts.pipeline.stages import Pipeline
+
 REPO = Path(__file__).resolve().parent.parent
 TINY_BUDGET = ["--iterations", "1", "--train_tasks", "2", "--test_tasks", "2", "--max_steps", "3",
                "--sft_samples", "4", "--sft_epochs", "1", "--sft_batch_size", "2", "--sft_per_device_batch_size", "2",
@@ -23,14 +30,14 @@ def pipeline_cmd(task: str, exp: str, model: Path, save: Path, *extra: str) -> l
 
 
 def expert_file(task: str, tmp_path: Path) -> Path:
-    """Expert trajectories covering the first train tasks (ScienceWorld's are replayed here: a full build takes minutes)."""
+    """Expert trajectories covering the first train tasks (ScienceWorld's are replayed here: a full build takes minutes)."""  # noqa: E501
     if task != "sciworld":
         path = REPO / "data" / f"{task}_sft.json"
         assert path.exists(), f"{path} missing: setup.sh builds it"
         return path
     path = tmp_path / "sciworld_sft.json"
-    subprocess.run([sys.executable, str(REPO / "scripts" / "build_sciworld_sft.py"), "--limit", "4",
-                    "--out", str(path), "--rebuild"], check=True, capture_output=True, timeout=600)
+    subprocess.run([sys.executable, "-m", "scripts.build_sciworld_sft", "--limit", "4", "--out", str(path),
+                    "--rebuild"], check=True, capture_output=True, timeout=600, cwd=REPO)
     return path
 
 
@@ -138,14 +145,11 @@ def test_killed_during_exploration_resumes_without_redoing_stages(tiny_model_dir
 # -- the training recipe the pipeline hands to the trainers (no training runs here) -----------------
 
 def _pipeline(tmp_path, *flags):
-    sys.path.insert(0, str(REPO / "scripts"))
-    import eto_pipeline
-
     args = eto_pipeline.parse_args(["webshop", "exp", str(tmp_path / "model"), str(tmp_path / "runs"), *flags])
-    pipeline = eto_pipeline.Pipeline(args)
+    pipeline = Pipeline(args)
     pipeline.commands = {}
     pipeline.run = lambda stage, cmd: pipeline.commands.__setitem__(stage, cmd)
-    return eto_pipeline, pipeline
+    return pipeline
 
 
 def _flag(cmd: list[str], name: str) -> str:
@@ -153,7 +157,7 @@ def _flag(cmd: list[str], name: str) -> str:
 
 
 def test_dpo_stage_uses_the_originals_schedule_and_global_batch(tmp_path):
-    _, pipeline = _pipeline(tmp_path)
+    pipeline = _pipeline(tmp_path)
     pipeline.dpo("dpo_iter1", tmp_path / "sft", tmp_path / "pairs.json", 1)
     cmd = pipeline.commands["dpo_iter1"]
     assert _flag(cmd, "--lr_scheduler_type") == "constant_with_warmup" and _flag(cmd, "--warmup_ratio") == "0.1"
@@ -166,7 +170,7 @@ def test_dpo_stage_uses_the_originals_schedule_and_global_batch(tmp_path):
                                                         ("0,1,2", "5", "5"), ("0,1,2,3,4,5,6,7", "2", "2")])
 def test_global_batch_gives_the_originals_accumulation(tmp_path, gpus, sft_accum, dpo_accum):
     """The original's run_eto.sh: accumulation = global / GPUs / per-device in bash integer arithmetic."""
-    eto_pipeline, pipeline = _pipeline(tmp_path, "--gpus", gpus)
+    pipeline = _pipeline(tmp_path, "--gpus", gpus)
     for global_batch, per_device, accum in ((64, 4, sft_accum), (32, 2, dpo_accum)):
         world = max(1, len([g for g in gpus.split(",") if g]))
         assert str(global_batch // world // per_device) == accum  # the rule, restated
@@ -175,13 +179,13 @@ def test_global_batch_gives_the_originals_accumulation(tmp_path, gpus, sft_accum
     pipeline.sft()
     pipeline.dpo("dpo_iter1", tmp_path / "sft", tmp_path / "pairs.json", 1)
     sft, dpo = pipeline.commands["sft"], pipeline.commands["dpo_iter1"]
-    assert (_flag(sft, "--per_device_train_batch_size"), _flag(sft, "--gradient_accumulation_steps")) == ("4", sft_accum)
-    assert (_flag(dpo, "--per_device_train_batch_size"), _flag(dpo, "--gradient_accumulation_steps")) == ("2", dpo_accum)
-    assert eto_pipeline.accumulation_steps(4, 2, 8) == 1  # never 0
+    assert (_flag(sft, "--per_device_train_batch_size"), _flag(sft, "--gradient_accumulation_steps")) == ("4", sft_accum)  # noqa: E501
+    assert (_flag(dpo, "--per_device_train_batch_size"), _flag(dpo, "--gradient_accumulation_steps")) == ("2", dpo_accum)  # noqa: E501
+    assert accumulation_steps(4, 2, 8) == 1  # never 0
 
 
 def test_pair_stage_applies_the_task_rule(tmp_path):
-    _, pipeline = _pipeline(tmp_path)
+    pipeline = _pipeline(tmp_path)
     # what the (not run) pair builder would write: the pairs and their counts beside them
     (tmp_path / "pairs.json").write_text("[]")
     counts = {"rule": "expert", "pairs": 0, "win": 0, "tie": 3, "lose": 0, "no_expert": 0, "incomplete": 0}
@@ -193,10 +197,9 @@ def test_pair_stage_applies_the_task_rule(tmp_path):
 
 def test_a_rerun_with_other_settings_is_refused_until_restart(tmp_path, capsys, monkeypatch):
     """Same exp_name, another task or knob: refuse (naming what differs) instead of reusing another run's stages."""
-    eto_pipeline, _ = _pipeline(tmp_path)  # writes nothing yet
     model = tmp_path / "model"
     first = ["alfworld", "exp", str(model), str(tmp_path / "runs"), "--sft_lr", "1e-4"]
-    pipeline = eto_pipeline.Pipeline(eto_pipeline.parse_args(first))
+    pipeline = Pipeline(eto_pipeline.parse_args(first))
     pipeline.record_settings()
     (pipeline.stages / "sft.json").write_text("{}")  # a finished stage of that run
     code = eto_pipeline.main(["webshop", "exp", str(model), str(tmp_path / "runs"), "--sft_lr", "2e-5",
@@ -207,18 +210,15 @@ def test_a_rerun_with_other_settings_is_refused_until_restart(tmp_path, capsys, 
     assert "num_workers" not in err  # speed-only knobs may change between reruns
     assert "--restart" in err and (pipeline.stages / "sft.json").exists()
     # the same settings (another concurrency) continue the run
-    eto_pipeline.Pipeline(eto_pipeline.parse_args(first + ["--num_workers", "3"])).record_settings()
+    Pipeline(eto_pipeline.parse_args(first + ["--num_workers", "3"])).record_settings()
     # --restart deletes the old run before the new one starts (its stages are not run here)
-    monkeypatch.setattr(eto_pipeline.Pipeline, "main", lambda self: self.record_settings() or 0)
+    monkeypatch.setattr(Pipeline, "main", lambda self: self.record_settings() or 0)
     assert eto_pipeline.main(["webshop", "exp", str(model), str(tmp_path / "runs"), "--restart"]) == 0
     assert not (pipeline.stages / "sft.json").exists()
     assert json.loads((pipeline.run_dir / "settings.json").read_text())["task"] == "webshop"
 
 
 def test_preflight_lists_every_problem_before_any_stage(tmp_path, capsys, monkeypatch):
-    sys.path.insert(0, str(REPO / "scripts"))
-    import eto_pipeline
-
     monkeypatch.setenv("PATH", str(tmp_path / "no-java-here"))  # no java on PATH
     code = eto_pipeline.main(["sciworld", "exp", str(tmp_path / "no-model"), str(tmp_path / "runs"),
                               "--sft_data", str(tmp_path / "no-experts.json")])
@@ -290,10 +290,7 @@ def test_kill_9_during_sft_exploration_and_dpo_then_rerun_gives_the_uninterrupte
 def test_each_worker_gets_its_gpu_in_its_own_environment(tiny_model_dir, tmp_path):
     """--gpus 0,1,2,3 with 8 workers: worker j runs with CUDA_VISIBLE_DEVICES = GPU j mod 4, as read from the
     started process (on this CPU machine the workers serve on the CPU all the same)."""
-    sys.path.insert(0, str(REPO / "scripts"))
-    from eto_services import Services
-
-    services = Services(tmp_path, {**os.environ, "OMP_NUM_THREADS": "1"})
+    services = Services(RunLayout(tmp_path), {**os.environ, "OMP_NUM_THREADS": "1"})
     with services.serving(tiny_model_dir, "tiny", n_workers=8, stage="explore", gpus=["0", "1", "2", "3"]) as addr:
         workers = [(name, proc) for name, proc, _ in services.procs if ".worker" in name]
         seen = {}
@@ -307,10 +304,7 @@ def test_each_worker_gets_its_gpu_in_its_own_environment(tiny_model_dir, tmp_pat
 
 
 def test_vllm_serving_without_vllm_stops_before_any_stage(tmp_path, capsys, tiny_model_dir):
-    sys.path.insert(0, str(REPO / "scripts"))
     import importlib.util
-
-    import eto_pipeline
 
     if importlib.util.find_spec("vllm") is not None:
         pytest.skip("vllm is installed here")  # the check under test is for machines without it
@@ -322,9 +316,6 @@ def test_vllm_serving_without_vllm_stops_before_any_stage(tmp_path, capsys, tiny
 
 
 def test_vllm_worker_flags_and_gpu_groups():
-    sys.path.insert(0, str(REPO / "scripts"))
-    from eto_services import gpu_groups, worker_flags
-
     assert gpu_groups(["0", "1", "2", "3", "4"], 2) == [["0", "1"], ["2", "3"]]
     assert worker_flags("vllm", 8, {"tensor_parallel_size": 2, "gpu_memory_utilization": 0.8, "max_model_len": 4096}) \
         == ["--tensor-parallel-size", "2", "--gpu-memory-utilization", "0.8", "--context-len", "4096"]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from eval_agent.config import TASK_PATH_ENV
-from test_pipeline import pipeline_cmd
+from tests.test_pipeline import pipeline_cmd
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -10,10 +10,9 @@ import time
 import pytest
 import requests
 
-from conftest import free_port
 from fastchat.constants import ErrorCode
-
-from test_serve_engine import make_varied_model
+from tests.conftest import bound_url, listen_flags
+from tests.test_serve_engine import make_varied_model
 
 pytestmark = pytest.mark.slow
 MODEL = "tiny-chat"
@@ -46,6 +45,12 @@ class Procs:
         self.procs.append(p)
         return p, log
 
+    def start_server(self, name: str, module: str, *args: str) -> tuple[subprocess.Popen, object, str]:
+        """One of our fastchat servers on a port it binds itself: its process, log and URL."""
+        port_file = self.log_dir / f"{name}.port"
+        proc, log = self.start(name, module, *listen_flags(port_file), *args)
+        return proc, log, bound_url(proc, port_file, log=log)
+
     def stop_all(self):
         for p in self.procs:
             if p.poll() is None:
@@ -63,18 +68,15 @@ def stack(tiny_model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("stack")
     model = make_varied_model(tiny_model_dir, tmp / "model")
     procs = Procs(tmp)
-    cport, wport, aport = free_port(), free_port(), free_port()
-    controller = f"http://127.0.0.1:{cport}"
-    worker = f"http://127.0.0.1:{wport}"
-    api = f"http://127.0.0.1:{aport}"
     try:
-        cp, clog = procs.start("controller", "fastchat.serve.controller", "--port", str(cport),
-                               "--heart-beat-expiration", "3")
-        procs.start("worker", "fastchat.serve.model_worker", "--model-path", str(model), "--model-names",
-                    f"{MODEL},tiny-alias", "--port", str(wport), "--controller-address", controller,
-                    "--heart-beat-interval", "0.5", "--context-len", "256", "--num-threads", "1")
-        procs.start("api", "fastchat.serve.openai_api_server", "--port", str(aport), "--controller-address",
-                    controller)
+        cp, clog, controller = procs.start_server("controller", "fastchat.serve.controller",
+                                                  "--heart-beat-expiration", "3")
+        _, _, worker = procs.start_server("worker", "fastchat.serve.model_worker", "--model-path", str(model),
+                                          "--model-names", f"{MODEL},tiny-alias", "--controller-address", controller,
+                                          "--heart-beat-interval", "0.5", "--context-len", "256", "--num-threads",
+                                          "1")
+        _, _, api = procs.start_server("api", "fastchat.serve.openai_api_server", "--controller-address",
+                                       controller)
         wait_until(lambda: MODEL in requests.post(controller + "/list_models", timeout=2).json()["models"],
                    120, "worker registration", cp, tmp / "worker.log")
         wait_until(lambda: requests.get(api + "/v1/models", timeout=2).ok, 60, "api server", None, tmp / "api.log")
@@ -199,11 +201,10 @@ def test_openai_errors_are_clear(stack):
 
 def test_killed_worker_is_dropped_after_heartbeat_expiry(stack, tmp_path):
     c = stack["controller"]
-    port = free_port()
-    doomed, log = stack["procs"].start("doomed", "fastchat.serve.model_worker", "--model-path",
-                                       str(stack["model_dir"]), "--model-names", "doomed", "--port", str(port),
-                                       "--controller-address", c, "--heart-beat-interval", "0.5",
-                                       "--num-threads", "1")
+    doomed, log, _ = stack["procs"].start_server("doomed", "fastchat.serve.model_worker", "--model-path",
+                                                 str(stack["model_dir"]), "--model-names", "doomed",
+                                                 "--controller-address", c, "--heart-beat-interval", "0.5",
+                                                 "--num-threads", "1")
     wait_until(lambda: "doomed" in requests.post(c + "/list_models", timeout=2).json()["models"], 120,
                "second worker", doomed, log)
     doomed.kill()

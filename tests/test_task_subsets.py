@@ -6,8 +6,8 @@ from collections import Counter
 
 import pytest
 
-from eval_agent.main import _only_ids
 from eval_agent.config import ConfigError
+from eval_agent.main import only_ids
 from eval_agent.tasks.alfworld import AlfWorldLoader
 from eval_agent.tasks.base import Task, spread_subset, task_type
 from eval_agent.tasks.sciworld import SciWorldTaskLoader
@@ -44,7 +44,7 @@ def test_task_ids_file_restricts_and_a_mismatch_names_both_sides(tmp_path):
     tasks = [Task(f"t{i}", "train") for i in range(5)]
     ids = tmp_path / "ids.json"
     ids.write_text(json.dumps(["t1", "t3", "other"]))
-    assert [t.id for t in _only_ids(tasks, ids, "demo", "train")] == ["t1", "t3"]
+    assert [t.id for t in only_ids(tasks, ids, "demo", "train")] == ["t1", "t3"]
     ids.write_text(json.dumps(["x1", "x2"]))
     with pytest.raises(ConfigError, match="none of its 2 ids.*'x1'.*'t0'"):
-        _only_ids(tasks, ids, "demo", "train")
+        only_ids(tasks, ids, "demo", "train")

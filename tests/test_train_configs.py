@@ -24,11 +24,9 @@ import fastchat.train
 import fastchat.train.common as common
 from fastchat.train.common import DataArguments, EtoTrainingArguments, ModelArguments, apply_lora, load_model
 from fastchat.train.train_dpo import DPOTrainingArguments
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import free_port  # noqa: E402
-from test_train_dpo import make_pairs  # noqa: E402
-from test_train_sft import sft_records  # noqa: E402
+from tests.conftest import free_port
+from tests.test_train_dpo import make_pairs
+from tests.test_train_sft import sft_records
 
 CONFIGS = Path(fastchat.train.__file__).parent / "configs"
 LAUNCHER = Path(__file__).resolve().parent / "deepspeed_on_cpu.py"

@@ -10,8 +10,17 @@ from transformers import AutoTokenizer
 
 from fastchat.constants import default_model_path
 from fastchat.conversation import TEMPLATES, Template
-from fastchat.train.data import (IGNORE_INDEX, DataError, DPOCollator, SFTCollator, encode_dpo, encode_sft,
-                                 load_dpo_records, load_sft_records, report_skipped)
+from fastchat.train.data import (
+    IGNORE_INDEX,
+    DataError,
+    DPOCollator,
+    SFTCollator,
+    encode_dpo,
+    encode_sft,
+    load_dpo_records,
+    load_sft_records,
+    report_skipped,
+)
 
 GPT_TURNS = ["OK", "Thought: I need a mug.\nAction: go to cabinet 1",
              "Thought: Found it.\nAction: take mug 1 from cabinet 1", "Thought: Done!\nAction: put mug 1 in/on desk 1"]
@@ -137,7 +146,7 @@ def test_dpo_labels_cover_only_chosen_and_rejected_gpt_turns(tiny_tokenizer):
     ('[{"id": "a", "conversations": [{"from": "human", "value": "x"}, {"from": "bot", "value": "y"}]}]',
      "record 0 (id='a'): field 'conversations': turn 1"),
     ('[{"id": "ok", "conversations": [{"from": "gpt", "value": "x"}]}, '
-     '{"id": "b", "conversations": [{"from": "human", "value": "x"}]}]', "record 1 (id='b'): field 'conversations' has no 'gpt'"),
+     '{"id": "b", "conversations": [{"from": "human", "value": "x"}]}]', "record 1 (id='b'): field 'conversations' has no 'gpt'"),  # noqa: E501
 ])
 def test_malformed_sft_data_names_file_and_record(tmp_path, content, message):
     path = tmp_path / "sft.json"

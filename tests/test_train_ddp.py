@@ -5,16 +5,14 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from transformers import AutoModelForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_model_portable import assert_portable  # noqa: E402
-from test_train_dpo import make_pairs  # noqa: E402
-from test_train_sft import sft_records  # noqa: E402
+from tests.test_model_portable import assert_portable
+from tests.test_train_dpo import make_pairs
+from tests.test_train_sft import sft_records
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 

@@ -10,7 +10,7 @@ import torch
 from fastchat.conversation import TEMPLATES
 from fastchat.train.data import DataError, DPOCollator, encode_dpo, load_dpo_records
 from fastchat.train.train_dpo import DPOTrainer, DPOTrainingArguments, precompute_reference_logps
-from test_train_dpo import BETA, make_pairs, plain_dpo_loss, setup  # noqa: F401 (setup: the shared fixture)
+from tests.test_train_dpo import BETA, make_pairs, plain_dpo_loss, setup  # noqa: F401 (setup: the shared fixture)
 
 WEIGHTS = {"trajectory": 1.0, "step": 0.5, "sft": 0.25}
 

@@ -114,8 +114,8 @@ def test_no_vocabulary_sized_activation_is_kept(tiny_model_dir, tmp_path):
         weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
 
         def record(t):  # activations with a vocabulary dimension (weights and their views left out)
-            if t.shape[-1:] == (vocab,) and t.untyped_storage().data_ptr() not in weights:
-                kept.append(t.numel())
+            if t.shape[-1:] == (vocab,) and t.untyped_storage().data_ptr() not in weights:  # noqa: B023
+                kept.append(t.numel())  # noqa: B023
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(record, lambda t: t):
@@ -129,7 +129,7 @@ def test_no_vocabulary_sized_activation_is_kept(tiny_model_dir, tmp_path):
 
 def test_cli_padding_free_and_original_paths_log_the_same_losses(tiny_model_dir, tmp_path):
     """Whole steps (2 accumulated batches, so the loss is normalised by their joint supervised-token count)."""
-    from test_train_sft import sft_main, sft_records
+    from tests.test_train_sft import sft_main, sft_records
 
     data = sft_records(6)
     runs = {}

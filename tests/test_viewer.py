@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from eval_agent.viewer import Run, create_app, main
-from conftest import free_port, http_process
-from test_pipeline import pipeline_cmd
+from tests.conftest import free_port, http_process
+from tests.test_pipeline import pipeline_cmd
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = "<script>window.pwned=1</script>"

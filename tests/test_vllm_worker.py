@@ -25,7 +25,7 @@ def test_sampled_request_keeps_its_parameters_and_ignore_eos_drops_the_eos_stop(
     gp = GenParams.parse({"prompt": "p", "temperature": 0.7, "top_p": 0.9, "top_k": 40,
                           "repetition_penalty": 1.1, "max_new_tokens": 8, "ignore_eos": True})
     kwargs = sampling_kwargs(gp, eos_token_id=0)
-    assert (kwargs["temperature"], kwargs["top_p"], kwargs["top_k"], kwargs["repetition_penalty"]) == (0.7, 0.9, 40, 1.1)
+    assert (kwargs["temperature"], kwargs["top_p"], kwargs["top_k"], kwargs["repetition_penalty"]) == (0.7, 0.9, 40, 1.1)  # noqa: E501
     assert kwargs["stop"] is None and kwargs["stop_token_ids"] == [] and kwargs["ignore_eos"] is True
 
 

@@ -3,8 +3,8 @@ import sys
 
 import pytest
 
-from conftest import free_port, http_process
 from eval_agent.paths import webshop_data_dir
+from tests.conftest import free_port, http_process
 from webshop.oracle import load_query_map, oracle_plan
 from webshop.text_env import WebShopTextEnv, shared_shop
 
@@ -27,6 +27,9 @@ def wait_for_next_page(driver, old_page) -> None:
 
     WebDriverWait(driver, 30).until(EC.staleness_of(old_page))
     WebDriverWait(driver, 30).until(EC.presence_of_element_located((By.ID, "page")))
+    # #page exists while the new document still loads; its nodes are final only once loading completes (under
+    # load, reading a button before that failed with "Node with given id does not belong to the document")
+    WebDriverWait(driver, 30).until(lambda d: d.execute_script("return document.readyState") == "complete")
 
 
 def click(driver, label):

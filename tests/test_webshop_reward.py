@@ -6,8 +6,16 @@ import pytest
 
 from webshop import reward as reward_module
 from webshop.paths import default_data_dir
-from webshop.reward import (SPACY_MODELS, get_reward, heuristic_nouns, noun_tagger, normalize_color, option_matches,
-                            title_nouns, type_score)
+from webshop.reward import (
+    SPACY_MODELS,
+    get_reward,
+    heuristic_nouns,
+    normalize_color,
+    noun_tagger,
+    option_matches,
+    title_nouns,
+    type_score,
+)
 
 SOCKS = {
     "asin": "B000SOCKS1", "name": "Acme Cotton Crew Socks for Men", "Title": "Acme Cotton Crew Socks for Men",

@@ -68,7 +68,7 @@ def test_item_page_options_subpages_and_buy(env, shop):
     env.step(f"search[{goal['name']}]")
     obs, *_ = env.step(f"click[{goal['asin'].lower()}]")
     product = shop.catalog[goal["asin"]]
-    assert f"Back to Search [SEP] < Prev [SEP] " in obs
+    assert "Back to Search [SEP] < Prev [SEP] " in obs
     assert obs.endswith(f"{product['Title']} [SEP] Price: {product['Price']} [SEP] Rating: N.A. [SEP] "
                         "Description [SEP] Features [SEP] Reviews [SEP] Buy Now")
     obs, *_ = env.step("click[Features]")

@@ -222,4 +222,4 @@ def load_catalog(data_dir: str | Path | None = None) -> Catalog:
     if "documents" in files:
         return load_documents(files["documents"], files.get("attributes"))
     raise CatalogError(f"{data_dir}: no WebShop catalog (need documents_1k.jsonl, or items_shuffle*.json with "
-                       "items_ins_v2*.json); run scripts/fetch_data.py or set WEBSHOP_DATA")
+                       "items_ins_v2*.json); run `python -m scripts.fetch_data` or set WEBSHOP_DATA")

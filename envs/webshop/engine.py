@@ -192,7 +192,7 @@ class WebShop:
 def render_text(elements: list[Element], mode: str = "text") -> str:
     """`text`: WebShop's simple text mode, elements joined by " [SEP] ". `text_rich`: one element per line with
     clickables marked "[button] x [button_]" and chosen options / opened products "[clicked button] x [clicked button_]".
-    """
+    """  # noqa: E501
     if mode == "text":
         return " [SEP] ".join(e.text.strip() for e in elements)
     if mode != "text_rich":

@@ -147,7 +147,7 @@ def _category_levels(path: str) -> set[str]:
 
 def type_score(product: dict[str, Any], goal: dict[str, Any]) -> dict[str, Any]:
     query_match = product["query"] == goal["query"]
-    category_match = len(_category_levels(product["product_category"]) & _category_levels(goal["product_category"])) >= 2
+    category_match = len(_category_levels(product["product_category"]) & _category_levels(goal["product_category"])) >= 2  # noqa: E501
     wanted = title_nouns(goal["name"])
     shared = set(title_nouns(product["name"])) & set(wanted)
     title = len(shared) / len(wanted) if wanted else 0.2

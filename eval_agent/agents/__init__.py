@@ -1,8 +1,9 @@
 """Agents and agent configs.
 
 An agent config is a JSON file (eval_agent/configs/model/<name>.json, or any path):
-    {"agent_class": "FastChatAgent", "config": {"model_name": ..., "max_new_tokens": 512, ...}}
-`agent_class` is one of the registered names below or a "package.module:Class" path.
+    {"agent_class": "FastChatAgent", "config": {"model_name": ..., "controller_address": ..., ...}}
+`agent_class` is one of the registered names below or a "package.module:Class" path. Generation options a config
+leaves out (max_new_tokens, temperature, top_p) take the defaults in eval_agent/agents/base.py.
 """
 from __future__ import annotations
 

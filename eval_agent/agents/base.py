@@ -27,13 +27,20 @@ class ContextOverflowError(ModelError):
 # environment's part (an imagined observation or a new task), so no imagined action runs.
 AGENT_STOP = ("\nObservation:", "\nTask:", "\n---")
 
+# The one default of each generation knob on the way from the pipeline (scripts/pipeline/settings.py) to the model
+# worker: agent configs and eval_agent.main override them, and the agent sends all three with every request, so the
+# worker API's own defaults (fastchat/serve/engine.py's GenParams) never apply to an episode.
+MAX_NEW_TOKENS = 512
+TEMPERATURE = 0.0  # greedy
+TOP_P = 1.0
+
 
 class Agent(ABC):
     """Options come from the agent config's "config" mapping (eval_agent/configs/model/*.json).
     `stop`: strings that end an answer besides the chat template's own (default AGENT_STOP)."""
 
-    def __init__(self, model_name: str, max_new_tokens: int = 512, temperature: float = 0.0,
-                 top_p: float = 1.0, stop: list[str] | None = None, **options: Any):
+    def __init__(self, model_name: str, max_new_tokens: int = MAX_NEW_TOKENS, temperature: float = TEMPERATURE,
+                 top_p: float = TOP_P, stop: list[str] | None = None, **options: Any):
         self.model_name = model_name
         self.max_new_tokens = int(max_new_tokens)
         self.temperature = float(temperature)

@@ -13,7 +13,7 @@ from the worker's /worker_generate_stream.
 Connection errors, timeouts, HTTP 5xx and server-side error codes are retried
 with exponential backoff; after `max_retries` retries a `ModelError` is raised.
 A context overflow (error code 40303) raises `ContextOverflowError` at once.
-"""
+"""  # noqa: E501
 from __future__ import annotations
 
 import json
@@ -44,7 +44,7 @@ class _Retryable(Exception):
 class FastChatAgent(Agent):
     def __init__(self, model_name: str, controller_address: str = "http://127.0.0.1:21001",
                  worker_address: str | None = None, conv_template: str | None = None,
-                 model_path: str | None = None, truncate_prompt: bool = False, timeout: float = 300.0, connect_timeout: float = 10.0,
+                 model_path: str | None = None, truncate_prompt: bool = False, timeout: float = 300.0, connect_timeout: float = 10.0,  # noqa: E501
                  max_retries: int = 5, retry_backoff: float = 1.0, retry_backoff_max: float = 30.0,
                  **common: Any):
         super().__init__(model_name, **common)

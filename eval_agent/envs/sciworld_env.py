@@ -9,7 +9,7 @@ text and the full list of valid action-object combinations on every call, which
 costs most of a step. We only need the observation, the score and the completion
 flag, so `_act` calls the simulator's server object directly
 (`step`, `getScore`, `getCompleted`); `valid_actions()` is there when an agent
-wants the list. `bench/bench_envs.py --env sciworld` measures the difference.
+wants the list. `python -m bench.bench_envs --env sciworld` measures the difference.
 
 Episode rules:
 - step limit: `task.data["max_steps"]` (the per-task limit from ETO's max_steps.json,

@@ -2,7 +2,7 @@
 
 Observations are "Observation:\n" + the page text (simple [SEP] text mode unless env_options sets
 observation_mode: text_rich). Reward is the purchase score; success means a score of at least the task config's `success_reward` (1.0).
-"""
+"""  # noqa: E501
 from __future__ import annotations
 
 from eval_agent.envs.base import ACTION_PATTERN_WITH_SPACE, BaseEnv

@@ -1,21 +1,16 @@
-"""Prompt assembly and the conversation record format.
+"""Prompt assembly: what the model sees.
 
-What the model sees: the instruction, an "OK" reply, the 1-shot example (a few
-user/assistant turns), then the task and the episode so far.
-
-What is stored (SFT data, episode outputs, DPO pairs): FastChat-style turns
-`{"from": "human"|"gpt", "value": ...}` starting with the instruction, "OK" and
-the task; the example is left out (it is fixed by the task config), so expert
-and agent records line up turn for turn.
+The instruction, an "OK" reply, the 1-shot example (a few user/assistant turns), then the task and the episode
+so far. The instruction and example files live in this folder (instructions/, icl_examples/; a task config names
+them, eval_agent.config loads them). What is stored of a conversation is fastchat.records' format.
 """
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
 
-ROLE_TO_FROM = {"user": "human", "assistant": "gpt"}
-FROM_TO_ROLE = {v: k for k, v in ROLE_TO_FROM.items()}
-OK_REPLY = "OK"
-PROMPT_TURNS = 3  # instruction, "OK", task
+from fastchat.records import OK_REPLY
+
+PROMPT_DIR = Path(__file__).resolve().parent  # the built-in tasks' instruction and example files
 
 
 def build_messages(instruction: str, icl_messages: list[dict[str, str]], task_text: str,
@@ -25,22 +20,3 @@ def build_messages(instruction: str, icl_messages: list[dict[str, str]], task_te
         messages += [dict(m) for m in icl_messages]
     messages.append({"role": "user", "content": task_text})
     return messages
-
-
-def record_turns(instruction: str, task_text: str) -> list[dict[str, str]]:
-    """The first three stored turns of every record."""
-    return [{"from": "human", "value": instruction}, {"from": "gpt", "value": OK_REPLY},
-            {"from": "human", "value": task_text}]
-
-
-def turns_to_messages(turns: list[dict[str, Any]]) -> list[dict[str, str]]:
-    out = []
-    for i, t in enumerate(turns):
-        if t.get("from") not in FROM_TO_ROLE or not isinstance(t.get("value"), str):
-            raise ValueError(f"turn {i}: expected {{'from': 'human'|'gpt', 'value': str}}, got {str(t)[:120]}")
-        out.append({"role": FROM_TO_ROLE[t["from"]], "content": t["value"]})
-    return out
-
-
-def messages_to_turns(messages: list[dict[str, str]]) -> list[dict[str, str]]:
-    return [{"from": ROLE_TO_FROM[m["role"]], "value": m["content"]} for m in messages]

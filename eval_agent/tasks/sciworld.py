@@ -36,7 +36,7 @@ class SciWorldTaskLoader(TaskLoader):
     def _read_json(self, name: str):
         path = self.split_dir / name
         if not path.exists():
-            raise FileNotFoundError(f"{path} not found: run `python scripts/fetch_data.py` (or setup.sh) first")
+            raise FileNotFoundError(f"{path} not found: run `python -m scripts.fetch_data` (or setup.sh) first")
         try:
             return json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:

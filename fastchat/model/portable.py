@@ -7,8 +7,9 @@ default theta), `dtype` instead of `torch_dtype`, and a tokenizer class, `Tokeni
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from fastchat.records import write_json_atomic
 
 # a fast tokenizer from tokenizer.json: a class both generations know
 PORTABLE_TOKENIZER_CLASS = "PreTrainedTokenizerFast"
@@ -19,9 +20,7 @@ def _update_json(path: Path, update) -> None:
         return
     data = json.loads(path.read_text(encoding="utf-8"))
     update(data)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_json_atomic(path, data)
 
 
 def _portable_config(config: dict) -> None:

@@ -1,14 +1,17 @@
 """Build a tiny random-weight Llama with a locally trained byte-level BPE tokenizer.
 
-    python -m fastchat.model.tiny --out models/tiny-llama [--hidden 128 --layers 2 --vocab 4096]
+    python -m fastchat.model.tiny --out models/tiny-llama [--corpus DIR] [--hidden 128 --layers 2 --vocab 4096]
 
 Used by tests and the CI pipeline run: no hub access, a few million parameters,
 ChatML special tokens and chat template, so serving and training code paths are
-the same as with a real chat model. Deterministic for a given corpus and seed.
+the same as with a real chat model. The tokenizer learns its merges from the text files
+(*.txt, *.json) of the --corpus folders (the tests pass the agent's prompt folder) and a few
+agent-style lines. Deterministic for a given corpus and seed.
 """
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
 
 from fastchat.conversation import TEMPLATES, save_template_name
@@ -19,12 +22,12 @@ CHATML_JINJA = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-PROMPT_DIR = Path(__file__).resolve().parent.parent.parent / "eval_agent" / "prompt"
 
 
-def default_corpus() -> list[str]:
-    """Text the tokenizer learns its merges from: our prompt files plus a few agent-style lines."""
-    texts = [p.read_text(encoding="utf-8") for p in sorted(PROMPT_DIR.rglob("*")) if p.suffix in (".txt", ".json")]
+def corpus_texts(folders: Sequence[str | Path] = ()) -> list[str]:
+    """Text the tokenizer learns its merges from: the folders' text files plus a few agent-style lines."""
+    texts = [p.read_text(encoding="utf-8") for folder in folders for p in sorted(Path(folder).rglob("*"))
+             if p.suffix in (".txt", ".json")]
     texts.append("Thought: I should look around.\nAction: look around\nObservation: You see a table 1.\n"
                  "search[red shoes] click[buy now] go to drawer 1 take apple 1 from table 1 OK")
     return texts
@@ -48,13 +51,14 @@ def build_tokenizer(corpus: list[str], vocab_size: int):
 
 def build_tiny_model(out_dir: str | Path, hidden: int = 128, layers: int = 2, heads: int = 4,
                      vocab_size: int = 4096, max_positions: int = 4096, seed: int = 0,
-                     corpus: list[str] | None = None) -> Path:
+                     corpus_dirs: Sequence[str | Path] = ()) -> Path:
+    """The model and tokenizer in `out_dir`; the tokenizer is trained on corpus_texts(corpus_dirs)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(corpus or default_corpus(), vocab_size)
+    tokenizer = build_tokenizer(corpus_texts(corpus_dirs), vocab_size)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 11 // 4,
         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
@@ -75,13 +79,15 @@ def build_tiny_model(out_dir: str | Path, hidden: int = 128, layers: int = 2, he
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
+    p.add_argument("--corpus", action="append", default=[], metavar="DIR",
+                   help="train the tokenizer on this folder's *.txt and *.json files too (repeatable)")
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
-    out = build_tiny_model(a.out, a.hidden, a.layers, a.heads, a.vocab, seed=a.seed)
+    out = build_tiny_model(a.out, a.hidden, a.layers, a.heads, a.vocab, seed=a.seed, corpus_dirs=a.corpus)
     print(f"tiny model written to {out}")
 
 

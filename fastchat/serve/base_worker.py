@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import json
 import logging
+import socket
 import threading
 import time
 import uuid
@@ -21,16 +22,15 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from fastchat.constants import CONTROLLER_PORT, WORKER_HEART_BEAT_INTERVAL, WORKER_PORT, ErrorCode
 from fastchat.conversation import fastchat_conversation, render, stop_token_ids
-from fastchat.serve.hosts import warn_if_not_loopback
+from fastchat.serve.hosts import add_listen_args, listen, warn_if_not_loopback
 
 log = logging.getLogger("fastchat.worker")
 
 
 def add_worker_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=WORKER_PORT)
+    add_listen_args(p, WORKER_PORT)
     p.add_argument("--worker-address", default=None, help="how the controller reaches this worker "
-                   "(default http://HOST:PORT)")
+                   "(default http://HOST:PORT, with the port bound)")
     p.add_argument("--controller-address", default=f"http://127.0.0.1:{CONTROLLER_PORT}")
     p.add_argument("--model-path", default=None, help="local model folder (default: the embedded default model)")
     p.add_argument("--model-names", default=None, help="comma-separated names to serve under "
@@ -152,7 +152,10 @@ def build_app(worker: Worker) -> FastAPI:
     return app
 
 
-def run_worker(app: FastAPI, host: str, port: int) -> None:
-    import uvicorn
-    warn_if_not_loopback(host, "model worker")
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+def worker_socket(a: argparse.Namespace) -> socket.socket:
+    """Bind the worker's port before the worker exists: its address (registered with the controller) names the
+    port, which --port 0 leaves to the system."""
+    warn_if_not_loopback(a.host, "model worker")
+    sock = listen(a.host, a.port)
+    a.port = sock.getsockname()[1]
+    return sock

@@ -23,7 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
 from fastchat.constants import CONTROLLER_HEART_BEAT_EXPIRATION, CONTROLLER_PORT, ErrorCode
-from fastchat.serve.hosts import warn_if_not_loopback
+from fastchat.serve.hosts import add_listen_args, listen, serve, warn_if_not_loopback
 
 log = logging.getLogger("fastchat.controller")
 
@@ -193,17 +193,14 @@ def build_app(controller: Controller) -> FastAPI:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=CONTROLLER_PORT)
+    add_listen_args(p, CONTROLLER_PORT)
     p.add_argument("--dispatch-method", default="shortest_queue", choices=["shortest_queue", "lottery"])
     p.add_argument("--heart-beat-expiration", type=float, default=CONTROLLER_HEART_BEAT_EXPIRATION,
                    help="seconds without a heartbeat after which a worker is dropped")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     warn_if_not_loopback(a.host, "controller")
-    import uvicorn
-    uvicorn.run(build_app(Controller(a.dispatch_method, a.heart_beat_expiration)), host=a.host, port=a.port,
-                log_level="warning")
+    serve(build_app(Controller(a.dispatch_method, a.heart_beat_expiration)), listen(a.host, a.port), a.port_file)
 
 
 if __name__ == "__main__":

@@ -28,8 +28,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
-from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
-                          TopKLogitsWarper, TopPLogitsWarper)
+from transformers import (
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from fastchat.constants import ErrorCode
 from fastchat.serve.kv_cache import SlotCache
@@ -51,7 +56,9 @@ class GenerationError(Exception):
 
 @dataclass
 class GenParams:
-    """FastChat's worker request parameters."""
+    """FastChat's worker request parameters. The defaults are the worker API's, FastChat's own, for a request that
+    leaves a field out; the agents send temperature, top_p and max_new_tokens with every request (their one default
+    is in the agent package's base module), so these never apply to an episode."""
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1
@@ -84,11 +91,11 @@ class GenParams:
         if not isinstance(stop_ids, list) or not all(isinstance(i, int) for i in stop_ids):
             raise GenerationError(ErrorCode.VALIDATION_TYPE_ERROR, "'stop_token_ids' must be a list of integers")
         return cls(
-            temperature=num("temperature", float, 1.0, 0.0),
-            top_p=num("top_p", float, 1.0, 0.0, 1.0),
-            top_k=num("top_k", int, -1),
-            repetition_penalty=num("repetition_penalty", float, 1.0, 1e-6),
-            max_new_tokens=num("max_new_tokens", int, 256, 1),
+            temperature=num("temperature", float, cls.temperature, 0.0),
+            top_p=num("top_p", float, cls.top_p, 0.0, 1.0),
+            top_k=num("top_k", int, cls.top_k),
+            repetition_penalty=num("repetition_penalty", float, cls.repetition_penalty, 1e-6),
+            max_new_tokens=num("max_new_tokens", int, cls.max_new_tokens, 1),
             stop=[s for s in stop if s], stop_token_ids=list(stop_ids),
             echo=bool(params.get("echo", True)), truncate=bool(params.get("truncate", True)),
             ignore_eos=bool(params.get("ignore_eos", False)),

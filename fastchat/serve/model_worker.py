@@ -21,8 +21,9 @@ import torch
 
 from fastchat.constants import default_model_path
 from fastchat.conversation import template_for_model
-from fastchat.serve.base_worker import Worker, add_worker_args, build_app, run_worker
+from fastchat.serve.base_worker import Worker, add_worker_args, build_app, worker_socket
 from fastchat.serve.engine import BatchingEngine
+from fastchat.serve.hosts import serve
 from fastchat.serve.prepack import can_prepack, prepack_linears
 
 
@@ -93,6 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-prepack", action="store_true", help="keep nn.Linear's MKL GEMM on CPU instead of "
                    "weights prepacked for oneDNN (fastchat.serve.prepack)")
     a = p.parse_args(argv)
+    sock = worker_socket(a)  # bound before the model loads: --port 0 gets its port now
     if a.num_threads:
         torch.set_num_threads(a.num_threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -106,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("fastchat.worker").info("serving %s (template %s, context %d, batch %d) on %s",
                                               names, backend.template.name, backend.context_len,
                                               backend.engine.max_batch_size, worker.worker_address)
-    run_worker(build_app(worker), a.host, a.port)
+    serve(build_app(worker), sock, a.port_file)
 
 
 if __name__ == "__main__":

@@ -30,12 +30,25 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from fastchat.constants import API_PORT, CONTROLLER_PORT, ErrorCode
 from fastchat.conversation import fastchat_prompt
-from fastchat.serve.hosts import warn_if_not_loopback
-from fastchat.serve.openai_protocol import (ChatCompletionRequest, ChatCompletionResponse,
-                                            ChatCompletionResponseChoice, ChatCompletionStreamChoice,
-                                            ChatCompletionStreamResponse, ChatMessage, CompletionChoice,
-                                            CompletionRequest, CompletionResponse, CompletionStreamResponse,
-                                            DeltaMessage, ErrorResponse, ModelCard, ModelList, UsageInfo, _id)
+from fastchat.serve.hosts import add_listen_args, listen, serve, warn_if_not_loopback
+from fastchat.serve.openai_protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionResponseChoice,
+    ChatCompletionStreamChoice,
+    ChatCompletionStreamResponse,
+    ChatMessage,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    CompletionStreamResponse,
+    DeltaMessage,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    UsageInfo,
+    response_id,
+)
 
 log = logging.getLogger("fastchat.openai_api_server")
 
@@ -206,7 +219,7 @@ def build_app(controller_address: str, worker_timeout: float = 100.0, api_keys: 
             params = sampling(req, req.model, chat["prompt"], max_new, _stops(req.stop, chat["stop"]),
                               chat["stop_token_ids"])
             if req.stream:
-                cid = _id("chatcmpl")
+                cid = response_id("chatcmpl")
 
                 def chunk(index: int, delta: DeltaMessage, finish: str | None = None) -> str:
                     return ChatCompletionStreamResponse(id=cid, model=req.model, choices=[ChatCompletionStreamChoice(
@@ -240,7 +253,7 @@ def build_app(controller_address: str, worker_timeout: float = 100.0, api_keys: 
                 max_new = await max_new_tokens(worker, req.model, p, req.max_tokens)
                 params.append(sampling(req, req.model, p, max_new, _stops(req.stop), []) | {"echo": bool(req.echo)})
             if req.stream:
-                cid = _id("cmpl")
+                cid = response_id("cmpl")
                 events = event_stream(
                     worker, list(enumerate(p for p in params for _ in range(req.n or 1))),
                     lambda i, text, finish: CompletionStreamResponse(id=cid, model=req.model, choices=[
@@ -264,8 +277,7 @@ def build_app(controller_address: str, worker_timeout: float = 100.0, api_keys: 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=API_PORT)
+    add_listen_args(p, API_PORT)
     p.add_argument("--controller-address", default=f"http://127.0.0.1:{CONTROLLER_PORT}")
     p.add_argument("--worker-timeout", type=float, default=100.0, help="seconds to wait on a worker")
     p.add_argument("--api-keys", type=lambda s: [k for k in s.split(",") if k], default=None,
@@ -273,9 +285,7 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     warn_if_not_loopback(a.host, "OpenAI API server")
-    import uvicorn
-    uvicorn.run(build_app(a.controller_address, a.worker_timeout, a.api_keys), host=a.host, port=a.port,
-                log_level="warning")
+    serve(build_app(a.controller_address, a.worker_timeout, a.api_keys), listen(a.host, a.port), a.port_file)
 
 
 if __name__ == "__main__":

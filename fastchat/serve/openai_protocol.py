@@ -8,7 +8,8 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 
-def _id(prefix: str) -> str:
+def response_id(prefix: str) -> str:
+    """A response's id as OpenAI writes them: the kind, a dash and 24 random hex digits."""
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
@@ -64,7 +65,7 @@ class ChatCompletionResponseChoice(BaseModel):
 
 
 class ChatCompletionResponse(BaseModel):
-    id: str = Field(default_factory=lambda: _id("chatcmpl"))
+    id: str = Field(default_factory=lambda: response_id("chatcmpl"))
     object: str = "chat.completion"
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
@@ -117,7 +118,7 @@ class CompletionChoice(BaseModel):
 
 
 class CompletionResponse(BaseModel):
-    id: str = Field(default_factory=lambda: _id("cmpl"))
+    id: str = Field(default_factory=lambda: response_id("cmpl"))
     object: str = "text_completion"
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str

@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-
 BATCH_HINT = 8  # rows the packing is tuned for; measured as fast as a hint of 1 for one-row products
 
 

@@ -17,8 +17,9 @@ from pathlib import Path
 
 from fastchat.constants import ErrorCode, default_model_path
 from fastchat.conversation import template_for_model
-from fastchat.serve.base_worker import Worker, add_worker_args, build_app, run_worker
+from fastchat.serve.base_worker import Worker, add_worker_args, build_app, worker_socket
 from fastchat.serve.engine import GenerationError, GenParams
+from fastchat.serve.hosts import serve
 
 VLLM_MISSING = ("vllm is not installed, so fastchat.serve.vllm_worker cannot run here. Install vllm on a GPU "
                 "machine (pip install vllm), or use `python -m fastchat.serve.model_worker`, which batches "
@@ -110,6 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     if importlib.util.find_spec("vllm") is None:
         print(VLLM_MISSING, file=sys.stderr)
         raise SystemExit(2)
+    sock = worker_socket(a)  # bound before the model loads: --port 0 gets its port now
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     model_path = Path(a.model_path) if a.model_path else default_model_path()
     backend = VLLMBackend(model_path, a.dtype, a.conv_template, a.context_len, a.gpu_memory_utilization,
@@ -117,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     names = a.model_names.split(",") if a.model_names else [model_path.name]
     worker = Worker(backend, names, a.worker_address or f"http://{a.host}:{a.port}", a.controller_address,
                     register=not a.no_register, heart_beat_interval=a.heart_beat_interval)
-    run_worker(build_app(worker), a.host, a.port)
+    serve(build_app(worker), sock, a.port_file)
 
 
 if __name__ == "__main__":

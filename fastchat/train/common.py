@@ -17,6 +17,7 @@ from transformers.trainer_utils import SaveStrategy
 from fastchat.constants import default_model_path
 from fastchat.conversation import save_template_name, template_for_model
 from fastchat.model.portable import make_portable
+from fastchat.records import write_json_atomic
 
 logger = logging.getLogger("fastchat.train")
 
@@ -265,6 +266,4 @@ def peak_memory() -> dict[str, float]:
 
 def write_summary(output_dir, **fields) -> None:
     """<output_dir>/train_summary.json: sizes, timings and peak memory of the run."""
-    from fastchat.train.data import atomic_write_json
-
-    atomic_write_json(Path(output_dir) / "train_summary.json", {**fields, **peak_memory()})
+    write_json_atomic(Path(output_dir) / "train_summary.json", {**fields, **peak_memory()})

@@ -12,22 +12,19 @@ reason (`Skipped`), never dropped silently.
 """
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from eval_agent.prompt import turns_to_messages
 from fastchat.conversation import MaskError, TemplateError, render, tokenize_with_mask
+from fastchat.records import KINDS, RecordError, read_json, record_where, turns_to_messages, write_json_atomic
 
 IGNORE_INDEX = -100
 
 
-class DataError(ValueError):
+class DataError(RecordError):
     """A malformed training file; the message names the file and the record."""
 
 
@@ -43,31 +40,20 @@ class Skipped:
 
 
 def load_json_list(path: str | Path) -> list:
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
-    return data
-
-
-def _where(path, index: int, record) -> str:
-    rid = record.get("id") if isinstance(record, dict) else None
-    return f"{path}: record {index}" + (f" (id={rid!r})" if rid is not None else "")
+        return read_json(path, list, "records")
+    except RecordError as e:
+        raise DataError(str(e)) from None
 
 
 def _turns(path, index, record, key: str) -> list[dict[str, str]]:
     turns = record.get(key)
     if not isinstance(turns, list) or not turns:
-        raise DataError(f"{_where(path, index, record)}: field {key!r} must be a non-empty list of turns")
+        raise DataError(f"{record_where(path, index, record)}: field {key!r} must be a non-empty list of turns")
     try:
         return turns_to_messages(turns)
     except ValueError as e:
-        raise DataError(f"{_where(path, index, record)}: field {key!r}: {e}") from None
+        raise DataError(f"{record_where(path, index, record)}: field {key!r}: {e}") from None
 
 
 def load_sft_records(path: str | Path) -> list[dict]:
@@ -78,14 +64,11 @@ def load_sft_records(path: str | Path) -> list[dict]:
             raise DataError(f"{path}: record {i}: expected an object, got {type(r).__name__}")
         messages = _turns(path, i, r, "conversations")
         if not any(m["role"] == "assistant" for m in messages):
-            raise DataError(f"{_where(path, i, r)}: field 'conversations' has no 'gpt' turn to learn from")
+            raise DataError(f"{record_where(path, i, r)}: field 'conversations' has no 'gpt' turn to learn from")
     return records
 
 
-# what a DPO-file record is: a trajectory pair, a step pair (both trained with the DPO loss, each with its own
-# weight) or an SFT sample (prompt + chosen, trained with the language-model loss)
-KINDS = ("trajectory", "step", "sft")
-SFT_KIND = KINDS.index("sft")
+SFT_KIND = KINDS.index("sft")  # a DPO-file record's kind (fastchat.records.KINDS) as the collator passes it
 
 
 def load_dpo_records(path: str | Path) -> list[dict]:
@@ -96,14 +79,14 @@ def load_dpo_records(path: str | Path) -> list[dict]:
         if not isinstance(r, dict):
             raise DataError(f"{path}: record {i}: expected an object, got {type(r).__name__}")
         if r.get("kind", "trajectory") not in KINDS:
-            raise DataError(f"{_where(path, i, r)}: field 'kind' must be one of {', '.join(KINDS)}, "
+            raise DataError(f"{record_where(path, i, r)}: field 'kind' must be one of {', '.join(KINDS)}, "
                             f"got {r.get('kind')!r}")
         prompt = _turns(path, i, r, "prompt")
         if prompt[-1]["role"] != "user":
-            raise DataError(f"{_where(path, i, r)}: field 'prompt' must end with a 'human' turn")
+            raise DataError(f"{record_where(path, i, r)}: field 'prompt' must end with a 'human' turn")
         for key in ("chosen",) if r.get("kind") == "sft" else ("chosen", "rejected"):
             if _turns(path, i, r, key)[0]["role"] != "assistant":
-                raise DataError(f"{_where(path, i, r)}: field {key!r} must start with a 'gpt' turn")
+                raise DataError(f"{record_where(path, i, r)}: field {key!r} must start with a 'gpt' turn")
     return records
 
 
@@ -155,19 +138,10 @@ def encode_dpo(records, tokenizer, template, max_length: int) -> tuple[list[dict
     return dataset, skipped
 
 
-def atomic_write_json(path: str | Path, obj) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-    os.replace(tmp, path)
-
-
 def report_skipped(output_dir: str | Path, data_path, total: int, skipped: list[Skipped], log=print) -> Path:
     """Print a summary of skipped samples and write them to <output_dir>/skipped_samples.json."""
     out = Path(output_dir) / "skipped_samples.json"
-    atomic_write_json(out, {"data_path": str(data_path), "total": total, "skipped": [asdict(s) for s in skipped]})
+    write_json_atomic(out, {"data_path": str(data_path), "total": total, "skipped": [asdict(s) for s in skipped]})
     log(f"data: {total - len(skipped)}/{total} samples usable, {len(skipped)} skipped (listed in {out})")
     for s in skipped[:10]:
         log(f"  skipped record {s.index} (id={s.id!r}): {s.reason}")

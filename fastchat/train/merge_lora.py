@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import torch
+
 from fastchat.model.portable import make_portable
 
 

@@ -19,9 +19,21 @@ import sys
 import transformers
 from transformers import HfArgumentParser, Trainer
 
-from fastchat.train.common import (DataArguments, EtoTrainingArguments, ModelArguments, apply_lora, close_distributed,
-                                   load_model, load_tokenizer_and_template, logger, remove_checkpoints, save_trained,
-                                   setup_logging, train_resuming, write_summary)
+from fastchat.train.common import (
+    DataArguments,
+    EtoTrainingArguments,
+    ModelArguments,
+    apply_lora,
+    close_distributed,
+    load_model,
+    load_tokenizer_and_template,
+    logger,
+    remove_checkpoints,
+    save_trained,
+    setup_logging,
+    train_resuming,
+    write_summary,
+)
 from fastchat.train.data import DataError, SFTCollator, encode_sft, load_sft_records, report_skipped
 from fastchat.train.packing import supervised_token_logps
 

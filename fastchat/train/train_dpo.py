@@ -32,12 +32,33 @@ import torch.nn.functional as F
 import transformers
 from transformers import HfArgumentParser, Trainer
 
-from fastchat.train.common import (DataArguments, EtoTrainingArguments, ModelArguments, apply_lora, close_distributed,
-                                   load_model, load_tokenizer_and_template, logger, prepare_reference,
-                                   remove_checkpoints, save_trained, setup_logging, train_resuming, write_summary,
-                                   zero3_gathered)
-from fastchat.train.data import (IGNORE_INDEX, KINDS, SFT_KIND, DataError, DPOCollator, encode_dpo, load_dpo_records,
-                                 report_skipped)
+from fastchat.records import KINDS
+from fastchat.train.common import (
+    DataArguments,
+    EtoTrainingArguments,
+    ModelArguments,
+    apply_lora,
+    close_distributed,
+    load_model,
+    load_tokenizer_and_template,
+    logger,
+    prepare_reference,
+    remove_checkpoints,
+    save_trained,
+    setup_logging,
+    train_resuming,
+    write_summary,
+    zero3_gathered,
+)
+from fastchat.train.data import (
+    IGNORE_INDEX,
+    SFT_KIND,
+    DataError,
+    DPOCollator,
+    encode_dpo,
+    load_dpo_records,
+    report_skipped,
+)
 from fastchat.train.packing import packed_sequence_logps
 
 

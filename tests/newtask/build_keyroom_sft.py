@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 
 from eval_agent.config import load_task_config
-from eval_agent.prompt import record_turns
+from fastchat.records import record_turns
 
 TASK = re.compile(r"in a row: (.*)\. You are in the (\w+)\. The key is in the (\w+)\. The vault door is in the (\w+)\.")
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from build_keyroom_sft import expert_steps
+
 from eval_agent.agents import Agent
 
 

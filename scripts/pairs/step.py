@@ -1,7 +1,8 @@
 """Step-level pairs (IPR-style): where the expert's step is worth more than the agent's, by Monte-Carlo rollouts.
 
-Used by `construct_preference.py --rule step`. For a task where an agent sample lost to the expert, at expert
-step t (at most --max_prefixes steps per task, spread over the trajectory):
+Pair rule `step` (`python -m scripts.construct_preference --rule step`, registered at the end). For a task where
+an agent sample lost to the expert, at expert step t (at most --max_prefixes steps per task, spread over the
+trajectory):
   1. the agent's own step: replay the expert's first t actions through the real env, then let the current model
      go on to the end (one rollout: its first generated step is the agent's step, the rest its continuation);
   2. values: K rollouts that replay the expert's first t+1 actions, and K that replay the first t plus the
@@ -23,11 +24,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from construct_preference import PROMPT_TURNS, _rounds, _trajectory
-
 from eval_agent.envs.base import parse_action
-from eval_agent.runner import EnvPool, is_complete, read_result, run_episode, sum_costs, task_filename, \
-    write_json_atomic
+from eval_agent.run_layout import rollouts_dir
+from eval_agent.runner import EnvPool, is_complete, read_result, run_episode, sum_costs, task_filename
+from fastchat.records import PROMPT_TURNS, pair_record, rounds, trajectory, write_json_atomic
+from scripts.pairs.rule import PAIR_RULES, PairRule
 
 
 def prefix_lengths(steps: int, max_prefixes: int) -> list[int]:
@@ -104,7 +105,7 @@ def _value(records: list[dict]) -> float:
 
 def build_step_pairs(experts: dict, explored: dict, rollouts: Rollouts, k: int, margin: float,
                      max_prefixes: int, rejected_extra_rounds: int | None) -> tuple[list[dict], dict]:
-    """`experts`/`explored` as construct_preference loads them; returns (pairs, counts with costs)."""
+    """`experts`/`explored` as scripts.pairs.files loads them; returns (pairs, counts with costs)."""
     counts = {"tasks": 0, "prefixes": 0, "same_step": 0, "replay_mismatch": 0, "ended_in_replay": 0,
               "below_margin": 0, "pairs": 0}
     points = []  # (task id, expert record, t)
@@ -151,13 +152,11 @@ def build_step_pairs(experts: dict, explored: dict, rollouts: Rollouts, k: int, 
             continue
         chosen = {"conversations": _from_step(expert["conversations"], t)}
         rejected = {"conversations": _from_step(rec["conversations"], t)}
-        cap = _rounds(chosen["conversations"]) + rejected_extra_rounds if rejected_extra_rounds is not None else None
-        pairs.append({"id": key, "kind": "step", "rule": "step", "step": t,
-                      "prompt": prefix_turns(expert["conversations"], t),
-                      "chosen": _trajectory(chosen["conversations"]),
-                      "rejected": _trajectory(rejected["conversations"], cap),
-                      "chosen_value": v_expert, "rejected_value": v_agent, "rollouts": k,
-                      "rejected_cap_rounds": cap, "rejected_rounds_total": _rounds(rejected["conversations"])})
+        cap = rounds(chosen["conversations"]) + rejected_extra_rounds if rejected_extra_rounds is not None else None
+        pairs.append(pair_record(key, "step", prefix_turns(expert["conversations"], t),
+                                 trajectory(chosen["conversations"]), trajectory(rejected["conversations"], cap),
+                                 rule="step", step=t, chosen_value=v_expert, rejected_value=v_agent, rollouts=k,
+                                 rejected_cap_rounds=cap, rejected_rounds_total=rounds(rejected["conversations"])))
     counts["pairs"] = len(pairs)
     total = sum_costs(list(rollouts.costs.values()))
     counts["cost"] = {"rollouts": len(rollouts.costs), "played": rollouts.played, "reused": rollouts.reused,
@@ -175,3 +174,63 @@ def agent_for(controller_address: str, model_name: str, temperature: float, max_
     path, raw = load_agent_config(agent_config)
     return make_agent(path, raw, controller_address=controller_address, model_name=model_name,
                       temperature=temperature, max_new_tokens=max_new_tokens)
+
+
+def served_step_pairs(cfg, experts: dict, explored: dict, controller_address: str, model_name: str, cache_dir: Path,
+                      k: int, margin: float, max_prefixes: int, rejected_extra_rounds: int | None,
+                      temperature: float, max_new_tokens: int | None, max_steps: int | None,
+                      num_workers: int) -> tuple[list[dict], dict]:
+    """build_step_pairs with the rollouts played by the model `model_name` served at `controller_address`, on the
+    train tasks of the task config `cfg`; rollout episodes are stored in (and reused from) `cache_dir`."""
+    tasks = {str(t.id): t for t in cfg.make_loader().load("train")}
+    agent = agent_for(controller_address, model_name, temperature, max_new_tokens)
+    rollouts = Rollouts(cfg, agent, tasks, cache_dir, max_steps, num_workers)
+    try:
+        return build_step_pairs(experts, explored, rollouts, k, margin, max_prefixes, rejected_extra_rounds)
+    finally:
+        rollouts.close()
+        agent.close()
+
+
+def add_arguments(group) -> None:
+    group.add_argument("--controller_address", default=None, help="FastChat controller serving the current model")
+    group.add_argument("--model_name", default=None, help="model name at the controller")
+    group.add_argument("--rollouts", type=int, default=3, help="Monte-Carlo rollouts per step value (K)")
+    group.add_argument("--margin", type=float, default=0.0, help="pair when value(expert) - value(agent) > margin")
+    group.add_argument("--max_prefixes", type=int, default=4, help="expert steps tried per task (spread out)")
+    group.add_argument("--rollout_temperature", type=float, default=0.7, help="sampling temperature of rollouts")
+    group.add_argument("--num_workers", type=int, default=8, help="rollouts run concurrently")
+    group.add_argument("--max_steps", type=int, default=None, help="lower the rollouts' episode step limit")
+    group.add_argument("--max_new_tokens", type=int, default=None)
+    group.add_argument("--cache_dir", type=Path, default=None,
+                       help="rollout episode files (default: <output_path>.rollouts); a rerun reuses them")
+
+
+def check(a) -> str | None:
+    if not (a.task and a.controller_address and a.model_name):
+        return "--rule step needs --task, --controller_address and --model_name (the rollouts play the env)"
+    if a.rollouts < 1 or a.max_prefixes < 1:
+        return "--rollouts and --max_prefixes must be >= 1"
+    return None
+
+
+def build(a, inputs) -> tuple[list[dict], dict]:
+    return served_step_pairs(
+        inputs.task, inputs.experts, inputs.explored, a.controller_address, a.model_name,
+        cache_dir=a.cache_dir or rollouts_dir(a.output_path), k=a.rollouts, margin=a.margin,
+        max_prefixes=a.max_prefixes, rejected_extra_rounds=inputs.rejected_extra_rounds,
+        temperature=a.rollout_temperature, max_new_tokens=a.max_new_tokens, max_steps=a.max_steps,
+        num_workers=a.num_workers)
+
+
+def pipeline_flags(s) -> list[str]:
+    """The pipeline's ipr settings as this rule's flags (the rollouts sample at --temperature)."""
+    flags = ["--rollouts", str(s.step_rollouts), "--margin", str(s.step_margin), "--max_prefixes",
+             str(s.step_max_prefixes), "--rollout_temperature", str(s.temperature), "--max_new_tokens",
+             str(s.max_new_tokens), "--num_workers", str(s.num_workers)]
+    return flags + (["--max_steps", str(s.max_steps)] if s.max_steps else [])
+
+
+PAIR_RULES.register(PairRule(
+    "step", "step-level pairs by Monte-Carlo rollouts (needs --controller_address, --model_name)", build,
+    add_arguments=add_arguments, check=check, pipeline_flags=pipeline_flags, served=True), __name__)
