@@ -3,9 +3,10 @@
     settings.json                    the run's settings and the expert data's hash
     stages/<stage>.json              a finished stage's record
     logs/<name>.log                  a stage's output (and its servers')
-    models/<stage>                   a trained model: sft, sft_iter<i>, dpo_iter<i>
-    data/<name>                      files the run trained on or played from
+    models/<stage>                   a trained model: sft, sft_iter<i>, dpo_iter<i>, update_step<s> (online RL)
+    data/<name>                      files the run trained on or played from (online RL: rl_step<s>.json)
     eval/<name>/, explore/<name>/    the episodes of stage eval_<name> / explore_<name> (eval_sft, explore_iter1)
+    rollout/step<s>/                 the episodes of online RL's step s (stage rollout_step<s>; eval_step<s>: eval/)
     pairs/iter<i>.json               iteration i's trajectory pairs; pairs/iter<i>_<rule>.json: another rule's
                                      (step: pairs/iter<i>_step.json), each with <pairs>.stats.json (counts) beside
                                      it and, for rules that play rollouts, <pairs>.rollouts/
@@ -21,10 +22,13 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-EVAL, EXPLORE = "eval", "explore"
-EPISODE_KINDS = (EVAL, EXPLORE)  # <run>/eval/<name>, <run>/explore/<name>
+EVAL, EXPLORE, ROLLOUT = "eval", "explore", "rollout"
+EPISODE_KINDS = (EVAL, EXPLORE, ROLLOUT)  # <run>/eval/<name>, <run>/explore/<name>, <run>/rollout/<name>
+TRAIN_KINDS = (EXPLORE, ROLLOUT)  # the episode kinds that play the train split
 PAIRS = "pairs"
+RL_DATA, UPDATE = "rl_data", "update"  # online RL's other stages of a step: rl_data_step<s>, update_step<s>
 _ITERATION = re.compile(r"(?:^|_)iter(\d+)")  # iter1, eval_iter1, pairs_iter1_step
+_STEP = re.compile(r"(?:^|_)step(\d+)$")  # step1, rollout_step1, eval_step10
 _PAIRS_STAGE = re.compile(rf"(?:\w+_)?{PAIRS}_iter\d+")  # pairs_iter1, step_pairs_iter1
 
 
@@ -44,6 +48,22 @@ def iteration_stage(step: str, it: int) -> str:
     return f"{step}_{iteration(it)}"
 
 
+def rl_step(step: int) -> str:
+    """The name of online RL's step `step` in stage, folder and file names: step1."""
+    return f"step{step}"
+
+
+def rl_step_stage(kind: str, step: int) -> str:
+    """A stage of online RL's step `step`: rollout_step1, rl_data_step1, update_step1, eval_step2."""
+    return f"{kind}_{rl_step(step)}"
+
+
+def rl_step_number(name: str) -> int | None:
+    """The RL step a stage or file name ends with (rollout_step2, eval_step10, rl_step1), else None."""
+    match = _STEP.search(name)
+    return int(match.group(1)) if match else None
+
+
 def eval_stage(name: str) -> str:
     """An evaluation outside the iterations: eval_base, eval_sft, eval_bon."""
     return f"{EVAL}_{name}"
@@ -60,8 +80,8 @@ def is_pairs_stage(stage: str) -> bool:
 
 
 def split_of(stage: str) -> str:
-    """The split an episode stage plays: train for explorations, test for evaluations."""
-    return "train" if stage.startswith(f"{EXPLORE}_") else "test"
+    """The split an episode stage plays: train for explorations and RL rollouts, test for evaluations."""
+    return "train" if stage.startswith(tuple(f"{kind}_" for kind in TRAIN_KINDS)) else "test"
 
 
 def pair_stats_file(pairs_file: Path) -> Path:
@@ -132,12 +152,18 @@ class RunLayout:
     def data(self, name: str) -> Path:
         return self.root / "data" / name
 
+    def rl_data(self, step: int) -> Path:
+        """Online RL step `step`'s training records: data/rl_step1.json."""
+        return self.data(f"rl_{rl_step(step)}.json")
+
     # -- episodes ----------------------------------------------------------------------------------------
     def episode_dir(self, stage: str) -> Path:
-        """eval_base -> eval/base, eval_iter2 -> eval/iter2, explore_iter1 -> explore/iter1."""
+        """eval_base -> eval/base, eval_iter2 -> eval/iter2, explore_iter1 -> explore/iter1,
+        rollout_step1 -> rollout/step1."""
         kind, _, name = stage.partition("_")
         if kind not in EPISODE_KINDS or not name:
-            raise ValueError(f"{stage!r} is not an evaluation or exploration stage ({EVAL}_*, {EXPLORE}_*)")
+            raise ValueError(f"{stage!r} is not an evaluation, exploration or rollout stage "
+                             f"({', '.join(f'{k}_*' for k in EPISODE_KINDS)})")
         return self.root / kind / name
 
     def episode_stages(self) -> dict[str, Path]:

@@ -11,8 +11,11 @@ infrastructure failure (env crash, model server error) or without any action are
 episodes of a task id form its group. One record per episode (fastchat/train/train_pg.py reads them):
 
     {"id", "sample", "group" (the task id), "reward" (meta.reward), "policy_version" (the max of meta
-     "policy_versions", null without), "conversations" (the episode's, as stored), "advantages" and "returns"
-     (one float per gpt turn after the prompt: every token of gpt turn i gets advantages[i])}
+     "policy_versions", null without), "conversations" (the episode's, as stored), "context" (the in-context
+     example turns the episode's prompt held: its task config's (meta "task_config", found as eval_agent finds
+     tasks, with $ETO_TASK_PATH or --task_path) when meta "icl_num" > 0, else none; the trainer puts them back
+     between "OK" and the task so that it scores the answers in the prompt they were sampled in), "advantages" and
+     "returns" (one float per gpt turn after the prompt: every token of gpt turn i gets advantages[i])}
 
 Per-step rewards: the rise of the episode's reward over each agent step (meta "step_scores": the env's reward after
 each step, so they add up to the final reward; ScienceWorld's progress score and WebShop/ALFWorld's final reward
@@ -35,8 +38,9 @@ import math
 import sys
 from pathlib import Path
 
+from eval_agent.config import ConfigError, load_task_config
 from eval_agent.run_layout import pair_stats_file
-from fastchat.records import PROMPT_TURNS, RecordError, write_json_atomic
+from fastchat.records import PROMPT_TURNS, RecordError, messages_to_turns, write_json_atomic
 from fastchat.train.advantages import discounted_returns, gigpo_step_advantages, grpo_advantages
 from scripts.pairs.files import InputError, load_explored
 
@@ -83,9 +87,29 @@ def policy_version(record: dict, where: str) -> int | None:
     return max(versions)
 
 
+class PromptContext:
+    """The in-context example turns of each task config an episode names, loaded once per config."""
+
+    def __init__(self, task_path: list[str] = ()):
+        self.task_path, self.loaded = list(task_path), {}
+
+    def __call__(self, meta: dict, where: str) -> list[dict]:
+        name = meta.get("task_config")
+        if not meta.get("icl_num") or name is None:  # no example in the prompt, or a hand-made episode
+            return []
+        if name not in self.loaded:
+            try:
+                self.loaded[name] = messages_to_turns(load_task_config(name, self.task_path).icl_messages())
+            except ConfigError as e:
+                raise InputError(f"{where}: meta field 'task_config' {name!r}: {e}") from None
+        return self.loaded[name]
+
+
 def build(explored: dict, method: str, gamma: float, step_weight: float = 1.0, key_kind: str = "observation",
-          eps: float = 1e-6) -> tuple[list[dict], dict]:
-    """`explored` as scripts.pairs.files.load_explored loads it; (records, stats)."""
+          eps: float = 1e-6, context: PromptContext | None = None) -> tuple[list[dict], dict]:
+    """`explored` as scripts.pairs.files.load_explored loads it; (records, stats). `context` finds the in-context
+    example turns of each episode's prompt (default: from the task configs eval_agent finds)."""
+    context = context or PromptContext()
     records, skipped, identical, step_group_sizes = [], 0, 0, []
     for key, samples in explored.items():
         usable = sorted(((rec, where) for rec, where in samples if rec is not None),
@@ -112,7 +136,8 @@ def build(explored: dict, method: str, gamma: float, step_weight: float = 1.0, k
                 advantages = [0.0] * n
             records.append({"id": rec["id"], "sample": rec["meta"].get("sample", 0), "group": rec["id"],
                             "reward": rewards[k], "policy_version": policy_version(rec, where),
-                            "conversations": rec["conversations"], "advantages": advantages,
+                            "conversations": rec["conversations"], "context": context(rec["meta"], where),
+                            "advantages": advantages,
                             "returns": discounted_returns(step_rewards(rec), gamma)})
     if not records:
         raise InputError(f"no usable episode among {skipped} (all ended by an infrastructure failure or without "
@@ -127,6 +152,7 @@ def build(explored: dict, method: str, gamma: float, step_weight: float = 1.0, k
         "groups_identical_rewards": identical,  # no GRPO signal; GiGPO's step advantages may still have some
         "mean_reward": mean, "std_reward": math.sqrt(sum((r - mean) ** 2 for r in rewards) / len(rewards)),
         "mean_steps": sum(len(r["advantages"]) for r in records) / len(records),
+        "episodes_with_context": sum(bool(r["context"]) for r in records),
         "policy_versions": sorted({r["policy_version"] for r in records if r["policy_version"] is not None}),
     }
     if method != "ppo":  # ppo's advantages are all placeholders
@@ -154,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--state_key", choices=STATE_KEYS, default=None,
                    help="gigpo only: what makes two steps' states the same: observation (default; GiGPO's anchor "
                         "state: the text of the observation the step acted on) or history (every turn before it)")
+    p.add_argument("--task_path", action="append", default=[], metavar="DIR",
+                   help="more folders of task configs, where the episodes' task config is found (as eval_agent's)")
     p.add_argument("--eps", type=float, default=1e-6,
                    help="added to the std when normalising advantages (grpo, gigpo)")
     a = p.parse_args(argv)
@@ -166,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--eps must be >= 0, got {a.eps}")
     try:
         records, stats = build(load_explored(a.explore_dir), a.method, gamma,
-                               1.0 if a.step_weight is None else a.step_weight, a.state_key or "observation", a.eps)
+                               1.0 if a.step_weight is None else a.step_weight, a.state_key or "observation", a.eps,
+                               PromptContext(a.task_path))
     except RecordError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -52,7 +52,8 @@ def episode(task: str, sample: int, actions: list[str]) -> dict:
 
 def test_the_built_in_parts_are_registered_and_an_unknown_name_lists_them():
     assert {"expert", "self", "step"} <= set(PAIR_RULES)
-    assert [m for m in METHODS] == ["eto", "ipr", "rft", "bon"] and list(SERVING_BACKENDS) == ["hf", "vllm"]
+    assert [m for m in METHODS] == ["eto", "ipr", "rft", "bon", "grpo", "gigpo", "ppo"]
+    assert list(SERVING_BACKENDS) == ["hf", "vllm"]
     with pytest.raises(UnknownName, match="no pair rule 'nope'; pair rules: .*expert.*self.*step"):
         PAIR_RULES.get("nope")
     # one module per rule under scripts/pairs/

@@ -80,7 +80,7 @@ def test_grpo_records_stats_and_one_advantage_per_gpt_turn(tmp_path):
     assert stats == {"method": "grpo", "gamma": 1.0, "eps": 0.0, "episodes": 6, "skipped": 1, "groups": 2,
                      "groups_identical_rewards": 1, "mean_reward": pytest.approx(1 / 3),
                      "std_reward": pytest.approx(math.sqrt(2 / 9)), "mean_steps": pytest.approx(11 / 6),
-                     "policy_versions": [3], "episodes_zero_advantages": 2}
+                     "episodes_with_context": 0, "policy_versions": [3], "episodes_zero_advantages": 2}
 
 
 def test_gigpo_adds_the_step_advantage_of_the_observation_group(tmp_path):
@@ -162,3 +162,31 @@ def test_bad_input_is_refused(tmp_path, capsys):
     assert main(["--explore_dir", str(crashed), "--output_path", out, "--method", "grpo"]) == 2
     assert "no usable episode among 1" in capsys.readouterr().err
     assert not Path(out).exists()
+
+
+def test_records_carry_the_in_context_example_their_prompt_held(tmp_path, capsys):
+    """Episodes played with icl_num 1 get their task config's example turns (the prompt the answers were sampled
+    in), the same list eval_agent put in it; icl_num 0 and hand-made episodes get none; an unknown task config
+    is named."""
+    from eval_agent.config import load_task_config
+    from eval_agent.prompt import build_messages
+
+    folder = explore_dir(tmp_path)
+    for name, icl_num in (("t1__s0.json", 1), ("t1__s2.json", 0)):
+        ep = json.loads((folder / name).read_text())
+        ep["meta"].update(task_config="alfworld", icl_num=icl_num)
+        (folder / name).write_text(json.dumps(ep))
+    out = tmp_path / "rl.json"
+    assert main(["--explore_dir", str(folder), "--output_path", str(out), "--method", "grpo"]) == 0
+    records = {(r["id"], r["sample"]): r for r in json.loads(out.read_text())}
+    cfg = load_task_config("alfworld")
+    prompt = build_messages("Instruction.", cfg.icl_messages(), "Task t1.", icl_num=1)
+    assert [{"role": {"human": "user", "gpt": "assistant"}[t["from"]], "content": t["value"]}
+            for t in records["t1", 0]["context"]] == prompt[2:-1]
+    assert records["t1", 2]["context"] == [] and records["t1", 3]["context"] == []
+    assert json.loads((tmp_path / "rl.stats.json").read_text())["episodes_with_context"] == 1
+    ep = json.loads((folder / "t1__s0.json").read_text())
+    ep["meta"]["task_config"] = "no_such_task"
+    (folder / "t1__s0.json").write_text(json.dumps(ep))
+    assert main(["--explore_dir", str(folder), "--output_path", str(out), "--method", "grpo"]) == 2
+    assert "t1__s0.json" in (err := capsys.readouterr().err) and "'no_such_task'" in err

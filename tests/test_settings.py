@@ -25,7 +25,8 @@ REPO = Path(__file__).resolve().parent.parent
 PRESETS_BEFORE = {
     "demo": dict(sft_samples=24, sft_epochs=1, train_tasks=4, test_tasks=4, iterations=1, max_steps=10,
                  model_max_length=1024, sft_batch_size=4, sft_per_device_batch_size=2, dpo_batch_size=4,
-                 dpo_per_device_batch_size=2, num_workers=4, eval_base=1),
+                 dpo_per_device_batch_size=2, num_workers=4, eval_base=1, rl_steps=2, rl_tasks_per_step=4,
+                 rl_batch_size=8, eval_every=0),
     "cpu-study": dict(eval_base=1, sft_samples=64, sft_epochs=1, sft_lr=1e-4, sft_batch_size=8,
                       sft_per_device_batch_size=1, model_max_length=2048, test_tasks=24, train_tasks=16,
                       iterations=1, max_steps=20, max_new_tokens=128, num_workers=8, dpo_lrs=[3e-5],
@@ -124,7 +125,10 @@ def test_eto_variables_are_read_and_the_bare_names_with_a_warning_once(tmp_path,
 @pytest.mark.parametrize("flags, env, message", [
     (["--dpo_lrs", "abc"], {}, "--dpo_lrs: expected numbers separated by spaces or commas, got 'abc'"),
     (["--iterations", "two"], {}, "--iterations: expected an integer, got 'two'"),
-    (["--method", "ppo"], {}, "--method: expected one of eto, ipr, rft, bon, got 'ppo'"),
+    (["--method", "dqn"], {}, "--method: expected one of eto, ipr, rft, bon, grpo, gigpo, ppo, got 'dqn'"),
+    (["--method", "grpo", "--temperature", "0"], {},
+     "--temperature: --method grpo learns from sampled rollouts and their log-probabilities; greedy rollouts "
+     "(temperature 0) have none"),
     (["--serving", "tgi"], {}, "--serving: expected one of hf, vllm, got 'tgi'"),
     (["--sft_batch_size", "0"], {}, "--sft_batch_size: must be >= 1, got 0"),
     (["--top_p", "1.5"], {}, "--top_p: must be <= 1, got 1.5"),

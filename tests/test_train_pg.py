@@ -105,6 +105,45 @@ def test_agent_tokens_carry_their_turns_advantage(tokenizer):
     assert batch["value_index"].tolist() == [0, advantages.count(1.0)]  # each turn's first agent token
 
 
+def test_context_turns_sit_in_the_prompt_and_are_not_trained(tokenizer, tmp_path):
+    """The in-context example the rollouts saw goes between "OK" and the task, as eval_agent's prompt has it; its
+    answer is not trained and the agent's tokens and advantages are those of the record without it."""
+    record = episode("mug", 0, ["Thought: look on the table.\nAction: go to table 1"], [1.0])
+    example = [turn("human", "Your task is to: find the key."), turn("gpt", "Thought: on the desk.\nAction: go")]
+    (plain,), _ = encode_rl([record], tokenizer, CHATML, 512)
+    (shown,), _ = encode_rl([{**record, "context": example}], tokenizer, CHATML, 512)
+    text = tokenizer.decode(shown["input_ids"])
+    assert text.index("Solve the household task.") < text.index("find the key") < text.index("find the mug")
+    trained = [[ids[k] for k in range(len(ids)) if labels[k] != IGNORE_INDEX]
+               for ids, labels in ((plain["input_ids"], plain["labels"]), (shown["input_ids"], shown["labels"]))]
+    assert trained[0] == trained[1] and trained[0]
+    assert [a for a in shown["advantages"] if a] == [a for a in plain["advantages"] if a]
+    path = tmp_path / "rl.json"
+    path.write_text(json.dumps([{**record, "context": example[::-1]}]))  # gpt first
+    with pytest.raises(DataError, match=r"rl\.json: record 0 \(id='mug'\): field 'context'"):
+        load_rl_records(path)
+
+
+def test_log_probs_are_of_the_sampling_temperature(tiny_model_dir, tokenizer, tmp_path):
+    """token_stats at temperature T gives log softmax(logits / T) at each agent token: the distribution the
+    rollouts were drawn from."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32,
+                                                 attn_implementation=PACKED_ATTENTION).eval()
+    dataset, _ = encode_rl(grpo_pair()[:1], tokenizer, CHATML, 256)
+    batch = PGCollator(tokenizer.pad_token_id, packed=False)(dataset)
+    with torch.no_grad():
+        tempered = token_stats(model, batch, temperature=0.7).logps
+        plain = token_stats(model, batch).logps
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[0, :-1]
+    targets = batch["labels"][0, 1:]
+    where = targets != IGNORE_INDEX
+    expected = torch.log_softmax(logits[where] / 0.7, -1).gather(-1, targets[where, None]).squeeze(-1)
+    assert tempered.tolist() == pytest.approx(expected.tolist(), abs=1e-4)
+    assert not torch.allclose(tempered, plain, atol=1e-3)
+    with pytest.raises(ValueError, match="--rollout_temperature"):
+        PGTrainingArguments(output_dir=str(tmp_path), kl_coef=0, rollout_temperature=0)
+
+
 def test_clipped_objective_has_no_gradient_beyond_the_clip():
     """eps = 0.2. Ratios 1.5 (A = +1) and 0.5 (A = -1) lie beyond the clip on the side the advantage pushes to:
     loss -1.2 A and -0.8 A, constant, no gradient. Ratio 0.5 with A = +1 and 1.5 with A = -1 are on the unclipped
@@ -183,6 +222,25 @@ def test_grpo_step_moves_log_probs_with_the_advantage(tiny_model_dir, tokenizer,
     frozen, log = run_pg(tiny_model_dir, tmp_path, records, "--learning_rate", "0", *common, name="lr0")
     assert sequence_logps(frozen, tokenizer, records) == pytest.approx(before, abs=1e-5)
     assert log[0]["loss"] == pytest.approx(entry["loss"], abs=1e-6)
+
+
+def test_an_update_goes_on_with_the_previous_updates_optimizer(tiny_model_dir, tmp_path):
+    """Each update writes its optimizer; the next, given it, continues Adam's step counts and moments (one optimizer
+    over an online RL run) instead of starting fresh, which moves the weights differently."""
+    common = ["--kl_coef", "0", "--per_device_train_batch_size", "2", "--max_steps", "1", "--learning_rate", "1e-3"]
+    first, _ = run_pg(tiny_model_dir, tmp_path, grpo_pair(), *common, name="first")
+    state = torch.load(first / "optimizer_state.pt", weights_only=True)["state"]
+    assert state and {int(v["step"]) for v in state.values()} == {1}
+    records = grpo_pair()[::-1]
+    carried, _ = run_pg(first, tmp_path, records, *common, "--optimizer_state_from", str(first), name="carried")
+    fresh, _ = run_pg(first, tmp_path, records, *common, name="fresh")
+    steps = {name: {int(v["step"]) for v in torch.load(out / "optimizer_state.pt", weights_only=True)["state"].values()}
+             for name, out in (("carried", carried), ("fresh", fresh))}
+    assert steps == {"carried": {2}, "fresh": {1}}
+    weights = [safetensors.torch.load_file(str(out / "model.safetensors")) for out in (carried, fresh)]
+    assert any(not torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    with pytest.raises(SystemExit, match="no optimizer_state.pt"):
+        run_pg(first, tmp_path, records, *common, "--optimizer_state_from", str(tmp_path), name="missing")
 
 
 def test_kl_to_a_different_reference_is_positive(tiny_model_dir, tokenizer, tmp_path):

@@ -10,8 +10,11 @@ head and GAE (docs/rl.md, "The policy-gradient trainer").
     PPO: --algorithm ppo [--vf_coef 0.1 --value_clip_range 0.2 --gae_gamma 1.0 --gae_lambda 0.95]
 
 The data is the RL data file of scripts/rl_data.py: one record per episode, its conversation (the prompt turns, then
-the episode) and one advantage (and return) per gpt turn after the prompt. The agent's tokens are the ones SFT
-supervises in those turns (fastchat.train.data.encode_conversation); every token of turn i gets advantages[i].
+the episode), the in-context example turns the rollouts saw ("context", placed after the instruction and "OK" as in
+eval_agent's prompt; never trained) and one advantage (and return) per gpt turn after the prompt. The agent's tokens
+are the ones SFT supervises in those turns (fastchat.train.data.encode_conversation); every token of turn i gets
+advantages[i]. Log-probabilities are those of the distribution the episodes were sampled from: logits divided by
+--rollout_temperature (verl does the same), so that the update sees the policy that played.
 
 Before the first update the trainer stores, per agent token, its log-probability under the starting weights (the
 "old" policy of the ratio: the rollout policy's when --model_name_or_path is the model that played the episodes)
@@ -56,6 +59,7 @@ from fastchat.records import (
     turns_to_messages,
     write_json_atomic,
 )
+from fastchat.train import OPTIMIZER_STATE_FILE
 from fastchat.train.advantages import gae
 from fastchat.train.common import (
     DataArguments,
@@ -121,6 +125,13 @@ class PGTrainingArguments(EtoTrainingArguments):
         "help": "PPO: discount between agent turns; must equal the --gamma the data's returns were computed with "
                 "(per-turn rewards r_t = G_t - gamma G_{t+1})"})
     gae_lambda: float = field(default=0.95, metadata={"help": "PPO: GAE's lambda"})
+    optimizer_state_from: str | None = field(default=None, metadata={
+        "help": "an earlier update's output folder: the optimizer goes on from its optimizer_state.pt (Adam's moments "
+                "and step counts), as one optimizer over all the updates of an online RL run; each update writes its "
+                "own. Not with --deepspeed (sharded state) or --lora (each update trains a fresh adapter)"})
+    rollout_temperature: float = field(default=1.0, metadata={
+        "help": "the sampling temperature of the episodes: every log-prob (policy, old, reference) is of the logits "
+                "divided by it, the distribution the rollouts were drawn from"})
     learning_rate: float = 1e-6
     logging_steps: float = 1  # few optimizer steps per update: log each one
     ddp_find_unused_parameters: bool | None = field(default=False, metadata={
@@ -136,6 +147,12 @@ class PGTrainingArguments(EtoTrainingArguments):
         if self.clip_range <= 0 or self.value_clip_range <= 0:
             raise ValueError(f"--clip_range and --value_clip_range must be > 0, got {self.clip_range} and "
                              f"{self.value_clip_range}")
+        if self.optimizer_state_from is not None and self.deepspeed:
+            raise ValueError("--optimizer_state_from goes on with a plain torch optimizer; under --deepspeed each "
+                             "update starts a fresh one (its state is sharded)")
+        if self.rollout_temperature <= 0:
+            raise ValueError(f"--rollout_temperature must be > 0 (greedy rollouts have no log-probs to learn from), "
+                             f"got {self.rollout_temperature}")
         if self.kl_coef < 0 or self.vf_coef < 0:
             raise ValueError(f"--kl_coef and --vf_coef must be >= 0, got {self.kl_coef} and {self.vf_coef}")
         if self.kl_coef > 0 and not self.ref_model_name_or_path:
@@ -151,8 +168,9 @@ class PGTrainingArguments(EtoTrainingArguments):
 # -- data ---------------------------------------------------------------------------------------------------------
 
 def load_rl_records(path: str | Path, need_returns: bool = False) -> list[dict]:
-    """Validated RL records (scripts/rl_data.py): "conversations" (the prompt turns, then at least one gpt turn) and
-    "advantages" (and, with need_returns, "returns"): one finite number per gpt turn after the prompt."""
+    """Validated RL records (scripts/rl_data.py): "conversations" (the prompt turns, then at least one gpt turn),
+    "advantages" (and, with need_returns, "returns"): one finite number per gpt turn after the prompt, and the
+    optional "context" (turns, human first, that the rollouts saw between the instruction's "OK" and the task)."""
     records = load_json_list(path)
     for i, r in enumerate(records):
         if not isinstance(r, dict):
@@ -166,6 +184,12 @@ def load_rl_records(path: str | Path, need_returns: bool = False) -> list[dict]:
             turns_to_messages(turns)
         except ValueError as e:
             raise DataError(f"{where}: field 'conversations': {e}") from None
+        context = r.get("context", [])
+        if not isinstance(context, list) or len(context) % 2 or any(
+                not isinstance(t, dict) or t.get("from") != ("human", "gpt")[k % 2]
+                or not isinstance(t.get("value"), str) for k, t in enumerate(context)):
+            raise DataError(f"{where}: field 'context' must be a list of human/gpt turn pairs, human first, each "
+                            "with a string 'value'")
         n = rounds(turns)
         if not n:
             raise DataError(f"{where}: field 'conversations' has no gpt turn after the prompt")
@@ -178,12 +202,13 @@ def load_rl_records(path: str | Path, need_returns: bool = False) -> list[dict]:
     return records
 
 
-def token_turns(messages: list[dict], tokenizer, template, encoded: dict) -> list[int]:
-    """Per token of `encoded` (encode_conversation's ids and labels), the index of the gpt turn after the prompt it
-    belongs to (0: the agent's first answer), -1 for a token outside the agent's turns. Read from the same rendering
-    and token offsets the label mask comes from; a supervised token outside every turn is refused."""
+def token_turns(messages: list[dict], tokenizer, template, encoded: dict, supervise_from: int) -> list[int]:
+    """Per token of `encoded` (encode_conversation's ids and labels, supervised from message `supervise_from` on),
+    the index of the gpt turn after the prompt it belongs to (0: the agent's first answer), -1 for a token outside
+    the agent's turns. Read from the same rendering and token offsets the label mask comes from; a supervised token
+    outside every turn is refused."""
     rendered = render(template, messages)
-    prompt_answers = sum(m["role"] == "assistant" for m in messages[:PROMPT_TURNS])  # the "OK"
+    prompt_answers = sum(m["role"] == "assistant" for m in messages[:supervise_from])  # "OK", the context's
     spans = rendered.assistant_spans[prompt_answers:]
     tokens = with_offsets(tokenizer)(rendered.text, add_special_tokens=True, return_offsets_mapping=True)
     ids, labels = encoded["input_ids"], encoded["labels"]
@@ -212,14 +237,16 @@ def encode_rl(records: list[dict], tokenizer, template, max_length: int) -> tupl
     """Per record: input_ids and labels as SFT's (the agent's turns after the prompt supervised, cut from the right
     at max_length), `turns` and `advantages` per token (the turn's index and advantage; -1 and 0 outside the
     agent's turns), `turn_starts` (the index, among the agent positions, of each turn's first token), and
-    `turn_returns` when the record has returns. Observations after the last gpt turn are dropped."""
+    `turn_returns` when the record has returns. The context turns go between "OK" and the task, as in the rollout's
+    prompt. Observations after the last gpt turn are dropped."""
     dataset, skipped = [], []
     for i, r in enumerate(records):
-        turns = r["conversations"]
-        messages = turns_to_messages(turns[:PROMPT_TURNS] + trajectory(turns))
+        turns, context = r["conversations"], r.get("context", [])
+        prompt = turns[:PROMPT_TURNS - 1] + context + turns[PROMPT_TURNS - 1:PROMPT_TURNS]
+        messages = turns_to_messages(prompt + trajectory(turns))
         try:
-            encoded = encode_conversation(messages, tokenizer, template, max_length, supervise_from=PROMPT_TURNS)
-            per_token = token_turns(messages, tokenizer, template, encoded)
+            encoded = encode_conversation(messages, tokenizer, template, max_length, supervise_from=len(prompt))
+            per_token = token_turns(messages, tokenizer, template, encoded, len(prompt))
         except SkipSample as e:
             skipped.append(Skipped(i, r.get("id"), str(e)))
             continue
@@ -266,15 +293,17 @@ class TokenStats:
     sequences: int
 
 
-def _head_stats(head, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = head(hidden).float()
+def _head_stats(head, hidden: torch.Tensor, targets: torch.Tensor,
+                temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = head(hidden).float() / temperature
     log_z = logits.logsumexp(-1)
     logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_z
     return logps, log_z - (logits.softmax(-1) * logits).sum(-1)
 
 
-def token_stats(model, batch: dict[str, torch.Tensor], bf16: bool = False) -> TokenStats:
-    """Log-probs, entropies and hidden states at the agent tokens of a PGCollator batch, the LM head run only
+def token_stats(model, batch: dict[str, torch.Tensor], bf16: bool = False, temperature: float = 1.0) -> TokenStats:
+    """Log-probs, entropies and hidden states at the agent tokens of a PGCollator batch (of the logits divided by
+    `temperature`: the sampling distribution), the LM head run only
     there, in chunks recomputed in backward (as fastchat.train.packing does for SFT and DPO). bf16: the model's
     forward under bf16 autocast with fp32 outputs and the head outside it, as accelerate runs it in training."""
     input_ids = batch["input_ids"]
@@ -303,9 +332,9 @@ def token_stats(model, batch: dict[str, torch.Tensor], bf16: bool = False) -> To
     for start in range(0, targets.shape[0], rows):
         h, t = hidden[start:start + rows], targets[start:start + rows]
         if recompute:
-            lp, ent = torch.utils.checkpoint.checkpoint(_head_stats, head, h, t, use_reentrant=False)
+            lp, ent = torch.utils.checkpoint.checkpoint(_head_stats, head, h, t, temperature, use_reentrant=False)
         else:
-            lp, ent = _head_stats(head, h, t)
+            lp, ent = _head_stats(head, h, t, temperature)
         logps.append(lp)
         entropy.append(ent.detach())
     return TokenStats(torch.cat(logps), torch.cat(entropy), hidden, seq_of[where], sequences)
@@ -352,7 +381,7 @@ def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, targets: 
 
 @torch.no_grad()
 def precompute_token_logps(model, dataset: list[dict], collator: PGCollator, batch_size: int, device, key: str,
-                           bf16: bool = False, value_head=None) -> None:
+                           bf16: bool = False, value_head=None, temperature: float = 1.0) -> None:
     """Store in every item, per agent token, its log-prob under `model` (item[key]: old_logps or ref_logps) and, with
     a value head, each turn's value at its first token (old_values); the same forward as training (with --bf16 on
     DeepSpeed, whose weights are bf16 in training, the ratio starts 1 up to bf16 rounding)."""
@@ -361,7 +390,7 @@ def precompute_token_logps(model, dataset: list[dict], collator: PGCollator, bat
     for start in range(0, len(dataset), batch_size):
         items = dataset[start:start + batch_size]
         batch = {k: v.to(device) for k, v in collator(items).items()}
-        stats = token_stats(model, batch, bf16=bf16)
+        stats = token_stats(model, batch, bf16=bf16, temperature=temperature)
         values = value_head(stats.hidden[batch["value_index"]]).squeeze(-1) if value_head is not None else None
         counts = torch.bincount(stats.seq_index, minlength=len(items)).tolist()
         for item, logps in zip(items, stats.logps.float().cpu().split(counts)):
@@ -451,9 +480,33 @@ class PGTrainer(Trainer):
         self._unlogged: list[dict] = []
         self.add_callback(PGLogCallback(self))
 
+    def create_optimizer(self):
+        """transformers' optimizer, given the moments and step counts of --optimizer_state_from's (a checkpoint
+        being resumed loads its own over them afterwards)."""
+        optimizer = super().create_optimizer()
+        if self.args.optimizer_state_from:
+            path = Path(self.args.optimizer_state_from) / OPTIMIZER_STATE_FILE
+            if not path.is_file():
+                raise SystemExit(f"--optimizer_state_from {self.args.optimizer_state_from}: no {OPTIMIZER_STATE_FILE}")
+            try:
+                optimizer.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            except (ValueError, KeyError, RuntimeError) as e:
+                raise SystemExit(f"{path}: not the optimizer of this model's trainable weights ({e})") from None
+            logger.info("optimizer state from %s", path)
+        return optimizer
+
+    def save_optimizer_state(self, output_dir) -> None:
+        """The optimizer after the last step, for the next update's --optimizer_state_from (DDP: every rank holds
+        the same state; rank 0 writes it)."""
+        if self.is_world_process_zero():
+            state = self.optimizer.state_dict()
+            tmp = Path(output_dir) / (OPTIMIZER_STATE_FILE + ".tmp")
+            torch.save(state, tmp)
+            tmp.replace(Path(output_dir) / OPTIMIZER_STATE_FILE)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args = self.args
-        stats = token_stats(model, inputs)
+        stats = token_stats(model, inputs, temperature=self.args.rollout_temperature)
         advantages = inputs["advantages"].to(stats.logps.dtype)
         pg, clipped = clipped_surrogate(stats.logps, inputs["old_logps"], advantages, args.clip_range)
         per_token = pg
@@ -558,6 +611,9 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging(args)
     if not data_args.data_path:
         raise SystemExit("--data_path is required")
+    if model_args.lora and args.optimizer_state_from:
+        raise SystemExit("--optimizer_state_from with --lora: each update trains a fresh adapter on the merged model, "
+                         "whose moments an earlier adapter's optimizer does not hold")
     transformers.set_seed(args.seed)
     ppo = args.algorithm == "ppo"
 
@@ -589,13 +645,14 @@ def main(argv: list[str] | None = None) -> None:
     batch = args.per_device_train_batch_size
     with zero3_gathered(model):
         precompute_token_logps(model.to(args.device), dataset, precompute_collator, batch, args.device,
-                               "old_logps", bf16=args.bf16, value_head=value_head)
+                               "old_logps", bf16=args.bf16, value_head=value_head,
+                               temperature=args.rollout_temperature)
     if args.ref_model_name_or_path:
         ref = load_model(args.ref_model_name_or_path, args)
         disable_dropout(ref)
         with zero3_gathered(ref):
             precompute_token_logps(ref.to(args.device), dataset, precompute_collator, batch, args.device,
-                                   "ref_logps", bf16=args.bf16)
+                                   "ref_logps", bf16=args.bf16, temperature=args.rollout_temperature)
         free_model(ref)
         ref = None
     gae_stats = ppo_advantages(dataset, args.gae_gamma, args.gae_lambda) if ppo else None
@@ -616,6 +673,8 @@ def main(argv: list[str] | None = None) -> None:
     if value_head is not None:
         trainer.detach_value_head(host, args.output_dir)
     save_trained(trainer, tokenizer, template, model_args, args.output_dir)
+    if not (args.deepspeed or model_args.lora):
+        trainer.save_optimizer_state(args.output_dir)
     remove_checkpoints(trainer, args)
     if trainer.is_world_process_zero():
         write_summary(args.output_dir, algorithm=args.algorithm, episodes=len(dataset), tokens_per_epoch=n_tok,

@@ -6,6 +6,8 @@
     bon  base -> SFT -> eval -> eval with K samples per test task (best-of-K)
     eto --self_play 1: base explores K -> SFT of the base on its own successes -> eval ->
          (explore K -> self pairs -> DPO -> eval) x iterations
+    grpo, gigpo, ppo (online RL)  base -> SFT -> eval -> (rollouts K on a batch of train tasks -> RL data ->
+         policy-gradient update -> new weights into the running workers) x rl_steps, eval every eval_every steps
 
 Each method registers itself at the end of this module with its defaults; `--method NAME` asks METHODS for it, and
 so do the settings (its K, whether it has a self-play variant) and the summary (its best-of-K evaluation). Adding a
@@ -23,7 +25,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from eval_agent.run_layout import EXPLORE, eval_stage, iteration, iteration_stage, pairs_stage
+from eval_agent.run_layout import (
+    EVAL,
+    EXPLORE,
+    RL_DATA,
+    ROLLOUT,
+    UPDATE,
+    eval_stage,
+    iteration,
+    iteration_stage,
+    pairs_stage,
+    rl_step_stage,
+)
 from fastchat.records import PROMPT_TURNS, pair_record, read_json, trajectory
 from scripts.registry import Registry
 
@@ -36,6 +49,8 @@ class Method:
     self_play_samples_per_task: int | None = None  # K of its --self_play 1 variant (None: it has none)
     # its own test evaluation that samples K times per task and is judged by each task's best sample (eval_<name>)
     best_of_k_evaluation: str | None = None
+    # online RL: the policy-gradient trainer's --algorithm (fastchat.train.train_pg: grpo, ppo); None: not RL
+    rl_algorithm: str | None = None
 
 
 METHODS: Registry[Method] = Registry("method", lambda: [__name__])
@@ -150,7 +165,43 @@ def bon(p) -> None:
     evaluate(p, "bon", model, p.a.temperature, p.a.samples_per_task)
 
 
+# -- online RL -------------------------------------------------------------------------------------------
+
+def rl_batch_seed(subset_seed: int, step: int) -> int:
+    """The seed of step `step`'s batch of train tasks: another batch each step, the same on a rerun."""
+    return subset_seed * 100_003 + step
+
+
+def rl(p) -> None:
+    """grpo, gigpo, ppo: SFT and eval_sft, then per step s: rollout_step<s> (the current policy plays K samples of
+    --rl_tasks_per_step train tasks, a new seeded batch each step, drawn from all train tasks: RL needs no expert
+    trajectory), rl_data_step<s> (advantages by the method), update_step<s> (one policy-gradient pass from the
+    current policy, KL to the SFT model); eval_step<s> every --eval_every steps and after the last. The policy's
+    servers stay up across the steps and take each new policy's weights in place (LiveServing)."""
+    a = p.a
+    algorithm = METHODS.get(a.method).rl_algorithm
+    reference = model = start(p)
+    policy = p.live_policy()
+    try:
+        for step in range(1, a.rl_steps + 1):
+            stage = rl_step_stage(ROLLOUT, step)
+            p.rl_episodes(stage, policy, model, step - 1, "train", a.temperature, a.rl_tasks_per_step,
+                          rl_batch_seed(a.subset_seed, step), a.samples_per_task)
+            data = p.rl_data(rl_step_stage(RL_DATA, step), p.layout.episode_dir(stage), p.layout.rl_data(step),
+                             version=step - 1)
+            model = p.pg_update(rl_step_stage(UPDATE, step), model, reference, data, algorithm,
+                                previous_update=model if step > 1 else None)
+            if step == a.rl_steps or (a.eval_every and step % a.eval_every == 0):
+                p.rl_episodes(rl_step_stage(EVAL, step), policy, model, step, "test", 0.0, a.test_tasks,
+                              a.subset_seed)
+    finally:
+        policy.close()
+
+
 METHODS.register(Method("eto", lambda p: dpo_loop(p, step_pairs=False), self_play_samples_per_task=4), __name__)
 METHODS.register(Method("ipr", lambda p: dpo_loop(p, step_pairs=True)), __name__)
 METHODS.register(Method("rft", rft, samples_per_task=4), __name__)
 METHODS.register(Method("bon", bon, samples_per_task=4, best_of_k_evaluation="bon"), __name__)
+METHODS.register(Method("grpo", rl, samples_per_task=4, rl_algorithm="grpo"), __name__)
+METHODS.register(Method("gigpo", rl, samples_per_task=4, rl_algorithm="grpo"), __name__)  # GiGPO's data, GRPO's loss
+METHODS.register(Method("ppo", rl, samples_per_task=4, rl_algorithm="ppo"), __name__)

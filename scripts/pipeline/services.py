@@ -6,6 +6,9 @@ Started per model, polled until the controller lists the model and every worker 
 later by another process, so two pipelines started together on one machine cannot race for one. The workers
 register their own bound address with the controller. The workers' backend (--serving) is asked of the registry
 in scripts/pipeline/backends.py.
+
+Online RL keeps its policy's servers across stages (LiveServing): each new policy version reaches the running
+workers through POST /worker_load_weights (fastchat.serve.weights) instead of a restart.
 """
 from __future__ import annotations
 
@@ -22,7 +25,12 @@ from pathlib import Path
 import requests
 
 from eval_agent.run_layout import RunLayout
+from fastchat.serve.weights import WeightLoadError, push_weights_to_all
 from scripts.pipeline.backends import SERVING_BACKENDS
+
+# backends whose workers load new weights in place (/worker_load_weights); vllm's answer 501: LiveServing restarts
+# them on the new model folder instead
+IN_PLACE_WEIGHT_BACKENDS = ("hf",)
 
 
 class StageFailed(Exception):
@@ -64,26 +72,27 @@ class Services:
         layout.logs_dir.mkdir(parents=True, exist_ok=True)
         self.procs: list[tuple[str, subprocess.Popen, Path]] = []
 
-    def _start(self, name: str, cmd: list[str], env: dict | None = None) -> subprocess.Popen:
+    def _start(self, name: str, cmd: list[str], env: dict | None = None) -> tuple[str, subprocess.Popen, Path]:
         log = self.layout.log(name)
         handle = open(log, "a")
         proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env or self.env,
                                 start_new_session=True)  # Ctrl-C reaches us, and we stop them in order
         handle.close()
         self.procs.append((name, proc, log))
-        return proc
+        return self.procs[-1]
 
-    def _check_alive(self, stage: str) -> None:
+    def check_alive(self, stage: str, when: str = "while starting") -> None:
+        """StageFailed naming the first of our servers that has exited (its log and exit status)."""
         for name, proc, log in self.procs:
             if proc.poll() is not None:
-                raise StageFailed(stage, log, proc.returncode, f"{name} exited while starting")
+                raise StageFailed(stage, log, proc.returncode, f"{name} exited {when}")
 
     def _wait_for_port(self, name: str, port_file: Path, stage: str, deadline: float) -> int:
         """The port server `name` bound, once it wrote it to `port_file`; StageFailed if a server exits or the
         deadline passes."""
         delay = 0.05
         while time.time() < deadline:
-            self._check_alive(stage)
+            self.check_alive(stage)
             if port_file.is_file():  # written atomically: a file that exists holds the whole number
                 return int(port_file.read_text())
             time.sleep(delay)
@@ -94,20 +103,35 @@ class Services:
     @contextlib.contextmanager
     def serving(self, model: Path, model_name: str, n_workers: int, stage: str, batch_size: int = 8,
                 gpus: list[str] | None = None, backend: str = "hf", options: dict | None = None):
-        """A controller and `n_workers` workers for `model`; yields the controller address.
+        """A controller and `n_workers` workers for `model`; yields the controller address (serving_workers
+        yields the workers' addresses too)."""
+        with self.serving_workers(model, model_name, n_workers, stage, batch_size, gpus, backend,
+                                  options) as (controller, _):
+            yield controller
+
+    @contextlib.contextmanager
+    def serving_workers(self, model: Path, model_name: str, n_workers: int, stage: str, batch_size: int = 8,
+                        gpus: list[str] | None = None, backend: str = "hf", options: dict | None = None,
+                        policy_version: int | None = None):
+        """A controller and `n_workers` workers for `model`; yields (controller address, worker addresses). On
+        leaving, these servers stop, and only these: another serving context may outlive this one (online RL
+        keeps its policy's servers across stages).
 
         `backend` names a registered serving backend (scripts/pipeline/backends.py: hf, our transformers worker
         decoding up to `batch_size` sequences together and keeping as many prompts' KV caches; vllm), `options`
         the pipeline's serving settings it turns into worker flags (tensor_parallel_size, gpu_memory_utilization,
         max_model_len). With `gpus`, worker j runs on GPU group j mod the number of groups (the backend's GPUs
-        per worker in each group)."""
+        per worker in each group). `policy_version`: the version the workers report for `model`'s weights (online
+        RL; the workers' default is 0)."""
         serving_backend, options = SERVING_BACKENDS.get(backend), options or {}
         ports = Path(tempfile.mkdtemp(prefix="eto-ports-"))
         deadline = time.time() + self.ready_timeout
+        mine = []
         try:
             name = f"{stage}.controller"
-            self._start(name, [sys.executable, "-m", "fastchat.serve.controller", "--host", "127.0.0.1", "--port",
-                               "0", "--port-file", str(ports / name), "--dispatch-method", "shortest_queue"])
+            mine.append(self._start(name, [sys.executable, "-m", "fastchat.serve.controller", "--host", "127.0.0.1",
+                                           "--port", "0", "--port-file", str(ports / name), "--dispatch-method",
+                                           "shortest_queue"]))
             controller = f"http://127.0.0.1:{self._wait_for_port(name, ports / name, stage, deadline)}"
             groups = gpu_groups(gpus or [], serving_backend.gpus_per_worker(options))
             workers = []
@@ -117,25 +141,27 @@ class Services:
                        "--model-names", model_name, "--host", "127.0.0.1", "--port", "0", "--port-file",
                        str(ports / name), "--controller-address", controller]
                 cmd += serving_backend.worker_flags(batch_size, options)
+                if policy_version is not None:
+                    cmd += ["--policy-version", str(policy_version)]
                 env = None
                 if groups:
                     env = {**self.env, "CUDA_VISIBLE_DEVICES": ",".join(groups[i % len(groups)])}
                     print(f"[eto] {stage}: worker {i} on GPU {env['CUDA_VISIBLE_DEVICES']}", flush=True)
-                self._start(name, cmd, env=env)
+                mine.append(self._start(name, cmd, env=env))
                 workers.append(name)
             addresses = [f"http://127.0.0.1:{self._wait_for_port(name, ports / name, stage, deadline)}"
                          for name in workers]
             self.wait_ready(controller, model_name, addresses, stage, deadline)
-            yield controller
+            yield controller, addresses
         finally:
-            self.stop_all()
+            self.stop(mine)
             shutil.rmtree(ports, ignore_errors=True)
 
     def wait_ready(self, controller: str, model_name: str, workers: list[str], stage: str, deadline: float) -> None:
         """Until the controller lists `model_name` and every worker (by its address) answers with it."""
         delay = 0.2
         while time.time() < deadline:
-            self._check_alive(stage)
+            self.check_alive(stage)
             try:
                 requests.post(f"{controller}/refresh_all_workers", timeout=5)
                 models = requests.post(f"{controller}/list_models", timeout=5).json().get("models", [])
@@ -150,7 +176,69 @@ class Services:
         raise StageFailed(stage, self.layout.log(f"{stage}.worker0"), 1,
                           f"model worker for {model_name} not ready after {self.ready_timeout:.0f} s")
 
+    def stop(self, entries: list[tuple[str, subprocess.Popen, Path]]) -> None:
+        """Stop these servers of ours, the last started first (those stopped already are skipped)."""
+        for entry in reversed(entries):
+            if entry in self.procs:
+                stop_group(entry[1])
+                self.procs.remove(entry)
+
     def stop_all(self) -> None:
-        for _, proc, _ in reversed(self.procs):
-            stop_group(proc)
-        self.procs.clear()
+        self.stop(list(self.procs))
+
+
+class LiveServing:
+    """The serving processes of a policy that changes during the run (online RL), kept across stages.
+
+    Started when a stage first needs them (a resumed run starts them on the policy it resumes from, as that policy
+    version), stopped by close() or the Services' stop_all. A new policy version reaches the running workers in place
+    (POST /worker_load_weights through fastchat.serve.weights.push_weights_to_all: each worker finishes its running
+    requests, loads the folder, and answers later ones as the new version) when the backend's workers can load
+    weights (IN_PLACE_WEIGHT_BACKENDS); otherwise they are restarted on the new model folder."""
+
+    def __init__(self, services: Services, name: str, model_name: str, n_workers: int, backend: str = "hf",
+                 **serving):
+        """`name`: the servers' log names (logs/<name>.controller.log, logs/<name>.worker<i>.log); `serving`: the
+        rest of Services.serving_workers' arguments (batch_size, gpus, options)."""
+        self.services, self.name, self.model_name, self.backend = services, name, model_name, backend
+        self.serving = {"n_workers": n_workers, "backend": backend, **serving}
+        self.stack: contextlib.ExitStack | None = None
+        self.controller, self.workers, self.version = "", [], None
+
+    def serve(self, model: Path, version: int, stage: str) -> tuple[str, dict | None]:
+        """The controller address of servers answering with `model` as policy `version`, for `stage`; and what it
+        took to get there: None when they served it already, else {"version", "how" (started, pushed, restarted),
+        "seconds"}. StageFailed when a server has exited or a worker refused the new weights."""
+        if self.stack is not None:
+            self.services.check_alive(stage, when=f"while serving policy version {self.version}")
+            if version == self.version:
+                return self.controller, None
+        started = time.time()
+        if self.stack is not None and self.backend in IN_PLACE_WEIGHT_BACKENDS:
+            self.push(model, version, stage)
+            how = "pushed"
+        else:
+            how = "started" if self.stack is None else "restarted"
+            self.close()
+            stack = contextlib.ExitStack()
+            self.controller, self.workers = stack.enter_context(self.services.serving_workers(
+                model, self.model_name, stage=self.name, policy_version=version, **self.serving))
+            self.stack = stack
+        self.version = version
+        seconds = round(time.time() - started, 2)
+        print(f"[eto] {stage}: policy version {version} ({model}) {how} on {len(self.workers)} worker(s) in "
+              f"{seconds} s", flush=True)
+        return self.controller, {"version": version, "how": how, "seconds": seconds}
+
+    def push(self, model: Path, version: int, stage: str) -> None:
+        """`model`'s weights into every worker of the controller at once (each drains and loads on its own)."""
+        try:
+            push_weights_to_all(self.controller, model, version)
+        except (WeightLoadError, requests.RequestException) as e:
+            raise StageFailed(stage, self.services.layout.log(f"{self.name}.worker0"), 1,
+                              f"the policy's workers did not load version {version} from {model}: {e}") from None
+
+    def close(self) -> None:
+        if self.stack is not None:
+            self.stack.close()
+            self.stack, self.controller, self.workers, self.version = None, "", [], None

@@ -30,6 +30,7 @@ from fastchat.constants import default_model_path
 from scripts.pipeline.backends import SERVING_BACKENDS
 from scripts.pipeline.methods import METHODS, default_samples_per_task, self_play_methods
 from scripts.pipeline.services import gpu_groups
+from scripts.rl_data import DEFAULT_GAMMA
 
 PROG = "run_eto.sh"  # `python -m scripts.eto_pipeline` takes the same arguments
 ENV_PREFIX = "ETO_"
@@ -66,13 +67,15 @@ class PipelineSettings:
     task_path: list[str] = field(default_factory=list)
 
     method: str = knob("eto", "method", "eto (SFT, then explore -> pairs -> DPO), ipr (ETO plus step-level pairs), "
-                       "rft (rejection-sampling fine-tuning), bon (best-of-K sampling of the SFT agent); "
-                       "docs/methods.md", choices=METHODS)
+                       "rft (rejection-sampling fine-tuning), bon (best-of-K sampling of the SFT agent), online RL "
+                       "after SFT: grpo, gigpo (GRPO with step-level credit), ppo; docs/methods.md", choices=METHODS)
     self_play: bool = knob(False, "method", "1 = eto without expert data: RFT on the base model's own successes, "
                            "then DPO on pairs of the agent's own samples (rule self)")
-    samples_per_task: int = knob(0, "method", "K samples per task in exploration (and in the bon evaluation) "
-                                 "(0 = the method's default: eto/ipr 1, bon/rft/self-play 4)", minimum=0)
-    temperature: float = knob(0.7, "method", "sampling temperature when K > 1 (and of the ipr rollouts)", minimum=0)
+    samples_per_task: int = knob(0, "method", "K samples per task in exploration (and in the bon evaluation, and "
+                                 "in each RL rollout: the GRPO group) (0 = the method's default: eto/ipr 1, "
+                                 "bon/rft/self-play/grpo/gigpo/ppo 4)", minimum=0)
+    temperature: float = knob(0.7, "method", "sampling temperature when K > 1 (and of the ipr and RL rollouts)",
+                              minimum=0)
     top_p: float = knob(TOP_P, "method", "nucleus sampling of evaluation and exploration answers (none on greedy "
                         "ones)", minimum=0, maximum=1)
     rft_threshold: float = knob(1.0, "method", "rft/self-play keep explored trajectories with reward >= this")
@@ -80,8 +83,34 @@ class PipelineSettings:
     step_rollouts: int = knob(3, "method", "ipr: Monte-Carlo rollouts per step value", minimum=1)
     step_margin: float = knob(0.0, "method", "ipr: step pair when value(expert) - value(agent) > this")
     step_max_prefixes: int = knob(4, "method", "ipr: expert steps tried per task", minimum=1)
-    step_weight: float = knob(1.0, "method", "ipr: weight of the step-level DPO loss", minimum=0)
+    step_weight: float = knob(1.0, "method", "ipr: weight of the step-level DPO loss; gigpo: weight of the step "
+                              "advantage added to the episode advantage", minimum=0)
     sft_weight: float = knob(1.0, "method", "ipr: weight of the SFT loss on expert trajectories", minimum=0)
+
+    rl_steps: int = knob(10, "online RL", "grpo/gigpo/ppo: steps of rollouts -> RL data -> policy update",
+                         minimum=1)
+    eval_every: int = knob(5, "online RL", "grpo/gigpo/ppo: evaluate the policy on the test split every N steps, "
+                           "and after the last (0 = after the last only)", minimum=0)
+    rl_tasks_per_step: int = knob(16, "online RL", "grpo/gigpo/ppo: train tasks per step, each played K times, "
+                                  "spread over the task types, a new seeded batch each step, drawn from all train "
+                                  "tasks (RL needs no expert trajectory; --train_tasks is not used) (0 = all)",
+                                  minimum=0)
+    rl_learning_rate: float = knob(1e-6, "online RL", "grpo/gigpo/ppo: learning rate of the policy update (one pass "
+                                   "over the step's episodes, constant schedule)", minimum=0)
+    rl_batch_size: int = knob(16, "online RL", "grpo/gigpo/ppo: episodes per optimizer step, all devices together "
+                              "(accumulation derived as for SFT); K x tasks per step / this = optimizer steps per "
+                              "update", minimum=1)
+    rl_per_device_batch_size: int = knob(2, "online RL", "grpo/gigpo/ppo: episodes per device per forward pass",
+                                         minimum=1)
+    kl_coef: float = knob(0.04, "online RL", "grpo/gigpo/ppo: weight of the KL penalty to the SFT model", minimum=0)
+    clip_range: float = knob(0.2, "online RL", "grpo/gigpo/ppo: PPO clip range of the probability ratio",
+                             minimum=0)
+    loss_aggregation: str = knob("token_mean", "online RL", "grpo/gigpo/ppo: the loss averages over all tokens of "
+                                 "a batch (token_mean) or over each episode's tokens, then episodes "
+                                 "(sequence_mean)", choices=("token_mean", "sequence_mean"))
+    gamma: float = knob(-1.0, "online RL", "gigpo/ppo: discount of the step rewards in the returns, in [0, 1] (-1 = "
+                        "the method's: " + ", ".join(f"{m} {g:g}" for m, g in DEFAULT_GAMMA.items()) + ")",
+                        minimum=-1, maximum=1)
 
     iterations: int = knob(3, "size of the loop", "exploration/DPO iterations", minimum=0)
     train_tasks: int = knob(0, "size of the loop", "explore a fixed subset of N train tasks, spread evenly over the "
@@ -343,6 +372,11 @@ def resolve(argv: list[str] | None = None, environ: Mapping[str, str] | None = N
     def source(name: str) -> str:
         return chosen[name][1] if name in chosen else f"--{name}"
 
+    if settings.gamma != -1 and settings.gamma < 0:
+        raise SettingsError(f"{source('gamma')}: must be in [0, 1] (or -1: the method's), got {settings.gamma}")
+    if METHODS.get(settings.method).rl_algorithm and settings.temperature == 0:
+        raise SettingsError(f"{source('temperature')}: --method {settings.method} learns from sampled rollouts and "
+                            "their log-probabilities; greedy rollouts (temperature 0) have none")
     if settings.self_play and settings.method not in self_play_methods():
         raise SettingsError(f"{source('self_play')}: self-play goes with --method {' or '.join(self_play_methods())}, "
                             f"got {settings.method!r} "
@@ -355,8 +389,8 @@ def resolve(argv: list[str] | None = None, environ: Mapping[str, str] | None = N
 
 
 def derive(s: PipelineSettings, cfg: TaskConfig, source: typing.Callable[[str], str]) -> PipelineSettings:
-    """The values the pipeline computes from the user's, in one place: K from the method, the worker counts from
-    the GPU groups, the default model, the task config's expert data, and absolute paths (stages run from the
+    """The values the pipeline computes from the user's, in one place: K and gamma from the method, the worker counts
+    from the GPU groups, the default model, the task config's expert data, and absolute paths (stages run from the
     repository root). `source(name)` says where a knob's value came from, for messages."""
     gpus = [g.strip() for g in s.gpus.split(",") if g.strip()]
     per_worker = SERVING_BACKENDS.get(s.serving).gpus_per_worker({"tensor_parallel_size": s.tensor_parallel_size})
@@ -371,7 +405,9 @@ def derive(s: PipelineSettings, cfg: TaskConfig, source: typing.Callable[[str], 
         sft_data = str(cfg.expert_data_path())
     model_path = s.model_path or str(default_model_path())
     explore_workers = s.explore_workers or max(1, groups)
+    gamma = DEFAULT_GAMMA.get(s.method, s.gamma) if s.gamma == -1 else s.gamma
     derived = {"samples_per_task": s.samples_per_task or default_samples_per_task(s.method, s.self_play),
+               "gamma": gamma,
                "explore_workers": explore_workers, "eval_workers": s.eval_workers or explore_workers,
                "model_path": model_path, "sft_data": sft_data, "deepspeed": s.deepspeed}
     for name in ("model_path", "sft_data", "deepspeed"):

@@ -24,16 +24,32 @@ from eval_agent.config import TASK_PATH_ENV, load_task_config, task_folders
 from eval_agent.envs.base import EPISODE_PROTOCOL
 from eval_agent.run_layout import RunLayout, pair_stats_file
 from fastchat.records import PROMPT_TURNS, trajectory_record, write_json_atomic
+from fastchat.train import OPTIMIZER_STATE_FILE
 from scripts.fetch_data import sha256_of
 from scripts.pairs.rule import PAIR_RULES
 from scripts.pairs.trajectory import explored_prompt
 from scripts.pipeline.backends import SERVING_BACKENDS
-from scripts.pipeline.methods import run_method
-from scripts.pipeline.services import Services, StageFailed, stop_group
+from scripts.pipeline.methods import METHODS, run_method
+from scripts.pipeline.services import LiveServing, Services, StageFailed, stop_group
 from scripts.pipeline.settings import SPEED_ONLY, PipelineSettings, accumulation_steps
 from scripts.pipeline.summary import write_summary
+from scripts.rl_data import rl_stats_file
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def pg_log_summary(path: Path) -> dict:
+    """A policy-gradient update's log (pg_log.json, one dict per optimizer step) summed up: the mean of each
+    number over the steps (loss, pg_loss, kl, entropy, clip_fraction, value_loss, mean_advantage), tokens in
+    total, and the number of optimizer steps."""
+    steps = json.loads(path.read_text())
+    numbers = {}
+    for step in steps:
+        for key, value in step.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                numbers.setdefault(key, []).append(value)
+    summary = {key: sum(v) if key == "tokens" else sum(v) / len(v) for key, v in numbers.items()}
+    return {**summary, "optimizer_steps": len(steps)}
 
 
 def train_cost(out: Path) -> dict:
@@ -161,10 +177,11 @@ class Pipeline:
         except OSError as e:
             problems.append(f"output folder {self.run_dir} is not writable ({e})")
         if (model / "config.json").is_file():
-            # every SFT/DPO stage writes a model about the size of the base model's weights
+            # every SFT/DPO/RL update stage writes a model about the size of the base model's weights
             weights = sum(f.stat().st_size for f in model.glob("*.safetensors")) or \
                 sum(f.stat().st_size for f in model.glob("*.bin"))
-            need = weights * (1 + self.a.iterations) * 1.1
+            trained = self.a.rl_steps if METHODS.get(self.a.method).rl_algorithm else self.a.iterations
+            need = weights * (1 + trained) * 1.1
             free = shutil.disk_usage(self.run_dir).free
             if need > free:
                 problems.append(f"{self.run_dir}: {free / 2**30:.1f} GiB free, the models of this run need about "
@@ -243,23 +260,108 @@ class Pipeline:
         with self.services.serving(model, name, n_workers=workers, stage=stage, batch_size=self.a.worker_batch_size,
                                    gpus=self.gpu_list(), backend=self.a.serving,
                                    options=self.serving_options()) as controller:
-            cmd = [sys.executable, "-m", "eval_agent.main", "--agent_config", "fastchat",
-                   "--controller_address", controller, "--model_name", name, "--exp_config", self.a.task,
-                   "--split", split, "--output_path", str(out), "--num_workers", str(self.a.num_workers),
-                   "--temperature", str(temperature), "--top_p", str(self.a.top_p),
-                   "--max_new_tokens", str(self.a.max_new_tokens)]
+            cmd = self.episode_cmd(controller, name, split, out, temperature, n_tasks, self.a.subset_seed, samples)
             if split == "train" and self.a.sft_data:
                 cmd += ["--task_ids", str(self.expert_ids())]
-            if samples > 1:
-                cmd += ["--samples_per_task", str(samples)]
-            if n_tasks:
-                cmd += ["--sample_tasks", str(n_tasks), "--sample_seed", str(self.a.subset_seed)]
-            if self.a.max_steps:
-                cmd += ["--max_steps", str(self.a.max_steps)]
             self.run(stage, cmd)
         metrics = json.loads((out / "metrics.json").read_text())
         self.finish(stage, started, [out / "metrics.json"], cost=metrics["cost"], metrics=metrics)
         return metrics
+
+    def episode_cmd(self, controller: str, model_name: str, split: str, out: Path, temperature: float,
+                    n_tasks: int, seed: int, samples: int) -> list[str]:
+        """eval_agent.main playing `split` against `controller`'s `model_name` into `out`: all tasks, or `n_tasks`
+        spread over the task types (chosen with `seed`), `samples` times each."""
+        cmd = [sys.executable, "-m", "eval_agent.main", "--agent_config", "fastchat",
+               "--controller_address", controller, "--model_name", model_name, "--exp_config", self.a.task,
+               "--split", split, "--output_path", str(out), "--num_workers", str(self.a.num_workers),
+               "--temperature", str(temperature), "--top_p", str(self.a.top_p),
+               "--max_new_tokens", str(self.a.max_new_tokens)]
+        if samples > 1:
+            cmd += ["--samples_per_task", str(samples)]
+        if n_tasks:
+            cmd += ["--sample_tasks", str(n_tasks), "--sample_seed", str(seed)]
+        if self.a.max_steps:
+            cmd += ["--max_steps", str(self.a.max_steps)]
+        return cmd
+
+    # --- online RL (grpo, gigpo, ppo: docs/methods.md) -----------------------------------------------------------
+    def live_policy(self) -> LiveServing:
+        """The RL policy's servers, kept across the run's stages (--explore_workers workers)."""
+        return LiveServing(self.services, "policy", f"{self.a.exp_name}-policy", self.a.explore_workers,
+                           backend=self.a.serving, batch_size=self.a.worker_batch_size, gpus=self.gpu_list(),
+                           options=self.serving_options())
+
+    def rl_episodes(self, stage: str, policy: LiveServing, model: Path, version: int, split: str, temperature: float,
+                    n_tasks: int, seed: int, samples: int = 1) -> dict:
+        """Episodes of `model` as policy version `version` on the live servers `policy` (pushed the new weights
+        first when they serve an older version); the stage records the version and the weight sync."""
+        if (rec := self.done(stage)):
+            print(f"[eto] {stage}: done already ({rec['seconds']} s), skipping")
+            return rec["metrics"]
+        started = time.time()
+        out = self.layout.episode_dir(stage)
+        controller, sync = policy.serve(model, version, stage)
+        self.run(stage, self.episode_cmd(controller, policy.model_name, split, out, temperature, n_tasks, seed,
+                                         samples))
+        metrics = json.loads((out / "metrics.json").read_text())
+        self.finish(stage, started, [out / "metrics.json"], cost=metrics["cost"], metrics=metrics,
+                    policy_version=version, weight_sync=sync)
+        return metrics
+
+    def rl_data(self, stage: str, explored: Path, out: Path, version: int) -> Path:
+        """scripts.rl_data: the training records of one RL step from its rollouts (advantages by --method); their
+        counts go to the stage record. StageFailed when an episode was played by another policy version."""
+        if self.done(stage):
+            return out
+        started = time.time()
+        a = self.a
+        cmd = [sys.executable, "-m", "scripts.rl_data", "--explore_dir", str(explored), "--output_path", str(out),
+               "--method", a.method, "--gamma", str(a.gamma)]
+        if a.method == "gigpo":
+            cmd += ["--step_weight", str(a.step_weight)]
+        self.run(stage, cmd)
+        stats = json.loads(rl_stats_file(out).read_text())
+        if stats.get("policy_versions") != [version]:
+            raise StageFailed(stage, rl_stats_file(out), 1,
+                              f"the rollouts in {explored} came from policy versions {stats.get('policy_versions')}, "
+                              f"expected only {version} (on-policy data)")
+        self.finish(stage, started, [out], counts=stats)
+        return out
+
+    def pg_update(self, stage: str, model: Path, reference: Path, data: Path, algorithm: str,
+                  previous_update: Path | None = None) -> Path:
+        """One pass of fastchat.train.train_pg over `data` from the policy `model`, KL to `reference`, its optimizer
+        going on from `previous_update`'s (one optimizer over the run; not under --deepspeed or --lora, where each
+        update starts a fresh one); a rerun after a kill continues from the trainer's last checkpoint. Its per-step
+        log (pg_log.json) is summed up in the stage record; the previous update's optimizer file, no longer needed,
+        is removed once this one has finished."""
+        out = self.layout.model(stage)
+        if self.done(stage):
+            return out
+        started = time.time()
+        a = self.a
+        cmd = self.train_cmd("fastchat.train.train_pg") + [
+            "--model_name_or_path", str(model), "--ref_model_name_or_path", str(reference), "--data_path", str(data),
+            "--output_dir", str(out), "--algorithm", algorithm, "--clip_range", str(a.clip_range),
+            "--kl_coef", str(a.kl_coef), "--loss_aggregation", a.loss_aggregation,
+            "--learning_rate", str(a.rl_learning_rate), "--ppo_epochs", "1", "--lr_scheduler_type", "constant",
+            "--rollout_temperature", str(a.temperature),
+            *self.batch_flags(a.rl_batch_size, a.rl_per_device_batch_size), *self.common_train_flags()]
+        if algorithm == "ppo":  # GAE recovers the step rewards from the returns rl_data discounted with gamma
+            cmd += ["--gae_gamma", str(a.gamma)]
+        carry_optimizer = previous_update is not None and not (a.deepspeed or a.lora)
+        if carry_optimizer:
+            cmd += ["--optimizer_state_from", str(previous_update)]
+        self.run(stage, cmd)
+        log = out / "pg_log.json"
+        if not log.is_file():
+            raise StageFailed(stage, self.layout.log(stage), 1, f"fastchat.train.train_pg wrote no {log}")
+        self.finish(stage, started, [out / "config.json"], cost=train_cost(out), pg=pg_log_summary(log),
+                    optimizer_from=str(previous_update) if carry_optimizer else None)
+        if carry_optimizer:
+            (previous_update / OPTIMIZER_STATE_FILE).unlink(missing_ok=True)
+        return out
 
     def pairs(self, stage: str, explore_dir: Path, out: Path, rule: str = "expert", model: Path | None = None) -> dict:
         """Pairs by the registered pair rule `rule` (scripts.construct_preference, scripts/pairs/rule.py), with the

@@ -17,6 +17,11 @@ Costs (summary["costs"]): per stage and in total, from the stage records (stages
 GPU-seconds (wall x GPUs given, when CUDA is available), for evaluations and explorations the sums over their
 episodes (model calls, prompt and generated tokens, env steps, episode seconds), for training stages the tokens
 through the model, optimizer steps and peak memory. The total sums each field; its peak memory is the largest.
+
+Online RL (summary["rl_log"]): a row per step from its stage records: the rollouts' reward mean and std (the RL
+data's counts), success and solved (of the rollouts), the update's means over its optimizer steps of KL, entropy,
+clip fraction and value loss (PPO) and its trained tokens (pg_log.json), the rollouts' generated tokens and env
+steps, the step's seconds (rollout + RL data + update) and the test reward of the step's evaluation, if any.
 """
 from __future__ import annotations
 
@@ -25,7 +30,20 @@ import os
 from pathlib import Path
 
 from eval_agent.metrics import DEFINITIONS, bootstrap_interval, per_task, summarise
-from eval_agent.run_layout import EPISODE_KINDS, RunLayout, eval_stage, is_pairs_stage, iteration_number, split_of
+from eval_agent.run_layout import (
+    EPISODE_KINDS,
+    EVAL,
+    RL_DATA,
+    ROLLOUT,
+    UPDATE,
+    RunLayout,
+    eval_stage,
+    is_pairs_stage,
+    iteration_number,
+    rl_step_number,
+    rl_step_stage,
+    split_of,
+)
 from eval_agent.runner import read_episodes, sum_costs
 from fastchat.records import write_json_atomic, write_text_atomic
 from scripts.pipeline.methods import METHODS
@@ -116,14 +134,57 @@ def collect(run_dir: Path) -> dict:
                                                             for k in best}} for s in order]
     return {"run": run_dir.name, "definitions": DEFINITIONS, "results": rows, "paired_differences": differences,
             "pairs": pairs, "stage_seconds": times, "total_seconds": round(sum(t or 0 for t in times.values()), 1),
-            "test_reward_by_stage": curve, "costs": costs(stages)}
+            "test_reward_by_stage": curve, "costs": costs(stages), "rl_log": rl_log(stages)}
+
+
+def rl_log(stages: dict[str, dict]) -> list[dict]:
+    """A row per online-RL step that has a stage record (see the module docstring); None where a stage has not
+    run or does not report the field."""
+    rows = []
+    for step in sorted({n for name in stages if (n := rl_step_number(name)) is not None}):
+        rollout, data, update, evaluation = (stages.get(rl_step_stage(kind, step)) or {}
+                                             for kind in (ROLLOUT, RL_DATA, UPDATE, EVAL))
+        metrics, counts, pg = rollout.get("metrics") or {}, data.get("counts") or {}, update.get("pg") or {}
+        cost = rollout.get("cost") or {}
+        seconds = [rec["seconds"] for rec in (rollout, data, update) if rec.get("seconds") is not None]
+        rows.append({"step": step, "policy_version": rollout.get("policy_version"),
+                     "episodes": counts.get("episodes"), "reward_mean": counts.get("mean_reward"),
+                     "reward_std": counts.get("std_reward"), "success": metrics.get("success_rate"),
+                     "solved": metrics.get("solved_rate"),
+                     **{f: pg.get(f) for f in ("kl", "entropy", "clip_fraction", "value_loss", "loss")},
+                     "train_tokens": pg.get("tokens"), "optimizer_steps": pg.get("optimizer_steps"),
+                     "generated_tokens": cost.get("completion_tokens"), "env_steps": cost.get("env_steps"),
+                     "seconds": round(sum(seconds), 1) if seconds else None,
+                     "weight_sync_seconds": (rollout.get("weight_sync") or {}).get("seconds"),
+                     "eval_reward": (evaluation.get("metrics") or {}).get("average_reward")})
+    return rows
+
+
+# the RL log's columns: (field, heading); value loss only when a step reports it (PPO)
+RL_COLUMNS = (("step", "RL step"), ("policy_version", "policy"), ("episodes", "episodes"),
+              ("reward_mean", "reward mean"), ("reward_std", "reward std"), ("success", "success"),
+              ("solved", "solved"), ("kl", "KL"), ("entropy", "entropy"), ("clip_fraction", "clip fraction"),
+              ("value_loss", "value loss"), ("train_tokens", "train tokens"), ("generated_tokens", "generated tokens"),
+              ("env_steps", "env steps"), ("seconds", "time (s)"), ("eval_reward", "test avg reward"))
+RL_AMOUNTS = {"step", "policy_version", "episodes", "train_tokens", "generated_tokens", "env_steps", "seconds"}
+
+
+def rl_table(rows: list[dict]) -> list[str]:
+    columns = [(f, h) for f, h in RL_COLUMNS if f != "value_loss" or any(r["value_loss"] is not None for r in rows)]
+    lines = ["", "| " + " | ".join(h for _, h in columns) + " |", "|---" * len(columns) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join(_amount(r[f]) if f in RL_AMOUNTS else _num(r[f]) for f, _ in columns) + " |")
+    return lines
 
 
 def _test_order(stage: str) -> float:
-    """base, SFT, iter1, iter2, ..., then any other evaluation (bon: the SFT agent sampled K times)."""
+    """base, SFT, iter1, iter2, ... (or RL's step1, step2, ...), then any other evaluation (bon: the SFT agent
+    sampled K times)."""
     if stage in TEST_STAGE_LABELS:
         return list(TEST_STAGE_LABELS).index(stage) - len(TEST_STAGE_LABELS)
     it = iteration_number(stage)
+    if it is None:
+        it = rl_step_number(stage)
     return float("inf") if it is None else it
 
 
@@ -166,6 +227,8 @@ def markdown(summary: dict) -> str:
         for d in summary["paired_differences"]:
             lines.append(f"| {d['label']} | {d['tasks']} | {d['mean']:+.4f} | {_ci(d['ci95'])} | {d['better']} | "
                          f"{d['worse']} | {d['same']} |")
+    if summary.get("rl_log"):
+        lines += rl_table(summary["rl_log"])
     for name, counts in summary["pairs"].items():
         lines.append(f"\n{name}: " + ", ".join(f"{k}={v}" for k, v in (counts or {}).items()))
     other = {k: v for k, v in summary["stage_seconds"].items() if not k.startswith(EPISODE_KINDS)}
