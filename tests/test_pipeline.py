@@ -211,6 +211,13 @@ def test_a_rerun_with_other_settings_is_refused_until_restart(tmp_path, capsys, 
     assert "--restart" in err and (pipeline.stages / "sft.json").exists()
     # the same settings (another concurrency) continue the run
     Pipeline(eto_pipeline.parse_args(first + ["--num_workers", "3"])).record_settings()
+    # so does a run recorded before a knob existed, while that knob stays at its default; set, it differs
+    recorded = json.loads((pipeline.run_dir / "settings.json").read_text())
+    (pipeline.run_dir / "settings.json").write_text(json.dumps({k: v for k, v in recorded.items() if k != "kl_coef"}))
+    Pipeline(eto_pipeline.parse_args(first)).record_settings()
+    (pipeline.run_dir / "settings.json").write_text(json.dumps({k: v for k, v in recorded.items() if k != "kl_coef"}))
+    assert eto_pipeline.main(first + ["--kl_coef", "0.1"]) == 1
+    assert "kl_coef: None then, 0.1 now" in capsys.readouterr().err
     # --restart deletes the old run before the new one starts (its stages are not run here)
     monkeypatch.setattr(Pipeline, "main", lambda self: self.record_settings() or 0)
     assert eto_pipeline.main(["webshop", "exp", str(model), str(tmp_path / "runs"), "--restart"]) == 0

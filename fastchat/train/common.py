@@ -22,6 +22,7 @@ from fastchat.constants import default_model_path
 from fastchat.conversation import save_template_name, template_for_model
 from fastchat.model.portable import make_portable
 from fastchat.records import write_json_atomic
+from fastchat.reporting import Progress, missing_writers, wandb_offline_unless_asked
 
 logger = logging.getLogger("fastchat.train")
 
@@ -89,6 +90,10 @@ class EtoTrainingArguments(transformers.TrainingArguments):
         if self.warmup_ratio and not self.warmup_steps:
             self.warmup_steps = self.warmup_ratio  # transformers reads a float < 1 as a ratio of all steps
         super().__post_init__()
+        if missing := missing_writers(self.report_to):
+            raise SystemExit("\n".join(missing))
+        if "wandb" in self.report_to:
+            wandb_offline_unless_asked()
 
 
 def check_deepspeed() -> None:
@@ -321,9 +326,41 @@ def last_complete_checkpoint(output_dir) -> str | None:
     return str(max(complete, key=lambda p: int(p.name.split("-")[-1]))) if complete else None
 
 
+class StepProgress(transformers.TrainerCallback):
+    """Optimizer steps done/total with the time left (fastchat.reporting.Progress), and the logged numbers, in place
+    of transformers' ProgressCallback, whose tqdm bar written to a stage log is one line per step redrawn."""
+
+    def __init__(self):
+        self.progress: Progress | None = None
+        self.step = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.step = state.global_step  # where a resumed run starts
+            self.progress = Progress(state.max_steps, "training", "steps", initial=self.step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.progress is not None:
+            self.progress.update(state.global_step - self.step)
+            self.step = state.global_step
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.progress is not None:
+            shown = {k: f"{v:.4g}" if isinstance(v, float) else v for k, v in logs.items() if k != "total_flos"}
+            self.progress.write(str(shown))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.progress is not None:
+            self.progress.close()
+            self.progress = None
+
+
 def train_resuming(trainer: transformers.Trainer, args: EtoTrainingArguments):
     """trainer.train(), continuing from --resume_from_checkpoint or, with --resume, the last complete checkpoint
-    (model, optimizer, scheduler, RNG states and the position in the data order)."""
+    (model, optimizer, scheduler, RNG states and the position in the data order). Progress is reported by
+    StepProgress (unless --disable_tqdm, which keeps transformers' plain log printer)."""
+    if trainer.pop_callback(transformers.trainer_callback.ProgressCallback) is not None:
+        trainer.add_callback(StepProgress())
     checkpoint = args.resume_from_checkpoint
     if checkpoint is None and args.resume:
         checkpoint = last_complete_checkpoint(args.output_dir)

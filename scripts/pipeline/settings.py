@@ -27,6 +27,7 @@ import yaml
 from eval_agent.agents.base import MAX_NEW_TOKENS, TOP_P
 from eval_agent.config import TASK_PATH_ENV, ConfigError, TaskConfig, describe_tasks, load_task_config
 from fastchat.constants import default_model_path
+from fastchat.reporting import REPORT_TO_CHOICES
 from scripts.pipeline.backends import SERVING_BACKENDS
 from scripts.pipeline.methods import METHODS, default_samples_per_task, self_play_methods
 from scripts.pipeline.services import gpu_groups
@@ -39,7 +40,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 # Settings a rerun may change: they change speed, not results. Any other difference is another run.
 SPEED_ONLY = ("num_workers", "explore_workers", "eval_workers", "worker_batch_size", "gpu_memory_utilization",
-              "save_path", "restart", "save_steps", "keep_checkpoints", "gradient_checkpointing")
+              "save_path", "restart", "save_steps", "keep_checkpoints", "gradient_checkpointing", "report_to")
 
 
 class SettingsError(ValueError):
@@ -166,6 +167,10 @@ class PipelineSettings:
                            minimum=1)
     keep_checkpoints: bool = knob(False, "training", "1 = keep the checkpoints of finished stages")
     lora: bool = knob(False, "training", "1 = train LoRA adapters (merged after each stage)")
+    report_to: str = knob("none", "training", "training curves: tensorboard (<run>/tensorboard/) or wandb (offline "
+                          "unless WANDB_MODE says otherwise; <run>/wandb/) get every trainer's losses and each "
+                          "stage's evaluation metrics and cost, one run per pipeline run (pip install -e "
+                          "'.[logging]'); docs/training.md", choices=REPORT_TO_CHOICES)
 
     gpus: str = knob("", "hardware", "GPU ids, e.g. 0,1,2,3 (empty = CPU or whatever is visible)")
     deepspeed: str = knob("", "hardware", "DeepSpeed config for multi-GPU training")

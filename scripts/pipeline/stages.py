@@ -24,6 +24,7 @@ from eval_agent.config import TASK_PATH_ENV, load_task_config, task_folders
 from eval_agent.envs.base import EPISODE_PROTOCOL
 from eval_agent.run_layout import RunLayout, pair_stats_file
 from fastchat.records import PROMPT_TURNS, trajectory_record, write_json_atomic
+from fastchat.reporting import missing_writers
 from fastchat.train import OPTIMIZER_STATE_FILE
 from scripts.fetch_data import sha256_of
 from scripts.pairs.rule import PAIR_RULES
@@ -33,6 +34,7 @@ from scripts.pipeline.methods import METHODS, run_method
 from scripts.pipeline.services import LiveServing, Services, StageFailed, stop_group
 from scripts.pipeline.settings import SPEED_ONLY, PipelineSettings, accumulation_steps
 from scripts.pipeline.summary import write_summary
+from scripts.pipeline.tracking import RunTracker
 from scripts.rl_data import rl_stats_file
 
 REPO = Path(__file__).resolve().parents[2]
@@ -80,6 +82,7 @@ class Pipeline:
         if args.gpus:
             self.env["CUDA_VISIBLE_DEVICES"] = args.gpus
         self.services = Services(self.layout, self.env)
+        self.tracker = RunTracker(args.report_to, self.layout, args.exp_name)
         import torch  # only to ask whether a GPU is visible (trainers then get --bf16)
         self.cuda = torch.cuda.is_available()
         # a stage's GPU-seconds: its wall time x the GPUs it was given
@@ -102,6 +105,8 @@ class Pipeline:
             cost["gpu_seconds"] = round(seconds * self.gpus, 1)
         record = {"stage": stage, "seconds": seconds, "outputs": [str(p) for p in outputs], "cost": cost, **extra}
         write_json_atomic(self.layout.stage_record(stage), record, indent=1)
+        # the point's index: the stage's place in the run, which a resumed run goes on counting
+        self.tracker.log_stage(record, step=len(list(self.stages.glob("*.json"))))
         return record
 
     def run(self, stage: str, cmd: list[str], cwd: Path = REPO) -> None:
@@ -111,7 +116,8 @@ class Pipeline:
             log.write(f"\n$ {' '.join(cmd)}\n")
             log.flush()
             # own process group: on interrupt the stage and everything it started (env workers, JVMs) go
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=cwd,
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                    env={**self.env, **self.tracker.stage_env(stage)}, cwd=cwd,
                                     start_new_session=True)
             try:
                 code = proc.wait()
@@ -145,7 +151,7 @@ class Pipeline:
 
     def common_train_flags(self) -> list[str]:
         flags = ["--model_max_length", str(self.a.model_max_length), "--save_strategy", "steps",
-                 "--save_steps", str(self.a.save_steps)]
+                 "--save_steps", str(self.a.save_steps), "--report_to", self.a.report_to]
         if self.a.keep_checkpoints:
             flags.append("--keep_checkpoints")
         if self.a.gradient_checkpointing:
@@ -170,6 +176,7 @@ class Pipeline:
             problems.append(f"expert data {data} not found (and no expert_data.build of {self.cfg.path} writes it)")
         problems += self.cfg.env_class().requirements()
         problems += SERVING_BACKENDS.get(self.a.serving).requirements()
+        problems += missing_writers(self.a.report_to)
         try:
             probe = self.layout.write_probe
             probe.write_text("")
@@ -455,8 +462,11 @@ class Pipeline:
         if path.exists():
             before = json.loads(path.read_text())
             keys = sorted((set(before) | set(now)) - set(SPEED_ONLY))
+            defaults = {f.name: f.default for f in dataclasses.fields(PipelineSettings)}
             differ = [k for k in keys if before.get(k) != now.get(k)
-                      and not (k == "sft_data_sha256" and before.get(k) is None)]  # built since
+                      and not (k == "sft_data_sha256" and before.get(k) is None)  # built since
+                      # a knob added since the run started, left at its default, changes nothing of that run
+                      and not (k not in before and k in defaults and now[k] == defaults[k])]
             if differ:
                 lines = "\n".join(f"  {k}: {before.get(k)!r} then, {now.get(k)!r} now" for k in differ)
                 raise StageFailed("settings", path, 2,
@@ -497,4 +507,5 @@ def run(args: PipelineSettings) -> int:
         return 130
     finally:
         pipeline.services.stop_all()
+        pipeline.tracker.close()
         shutil.rmtree(pipeline.layout.tmp, ignore_errors=True)
