@@ -1,13 +1,13 @@
 """Online RL soak: does a long GRPO run stay healthy? Memory and open files of every process it runs, sampled.
 
-    python -m bench.rl_soak [--minutes 30] [--task sciworld] [--interval 60] [--model DIR]
+    python -m bench.rl_soak [--minutes 30] [--task alfworld] [--interval 60] [--model DIR]
 
 Runs `run_eto.sh TASK soak --method grpo` (a small task set played again and again: 2 train tasks x K = 2 per step,
 3 env steps, up to 2,000 RL steps, a tiny learning rate) on a tiny local model (built here, fastchat.model.tiny, unless
---model) for --minutes of wall time after the first rollout starts, then stops it (SIGTERM, as Ctrl-C). Every
+--model) for --minutes of wall time after the first rollout starts, then stops it (SIGINT, as Ctrl-C). Every
 --interval seconds it samples, per process of the run's tree, its resident memory and open file descriptors,
-grouped by role: pipeline, policy controller, policy worker, episode player (eval_agent.main), simulator (java),
-trainer. The long-lived ones (pipeline, controller, worker: they live across all steps and take every new policy's
+grouped by role: pipeline, policy controller, policy worker, episode player (eval_agent.main), simulator
+(ScienceWorld's JVM, ALFWorld's game server), trainer. The long-lived ones (pipeline, controller, worker: they live across all steps and take every new policy's
 weights) must not grow without bound; the others are started fresh per stage and are reported per sample.
 
 Verdict per long-lived role: the growth of its memory (RSS) and open files between the mean of the second quarter
@@ -36,6 +36,7 @@ RESULTS = REPO / "bench" / "results" / "rl_soak.json"
 LONG_LIVED = ("pipeline", "controller", "worker")
 ROLES = (("eto_pipeline", "pipeline"), ("fastchat.serve.controller", "controller"),
          ("fastchat.serve.model_worker", "worker"), ("eval_agent.main", "player"), ("java", "simulator"),
+         ("eval_agent.envs.alfworld_env", "simulator"),
          ("fastchat.train", "trainer"))
 RSS_BOUND_FRACTION, RSS_BOUND_MB, FILES_BOUND = 0.10, 50.0, 8
 
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minutes", type=float, default=30.0, help="wall time of rollouts and updates to sample")
     p.add_argument("--interval", type=float, default=60.0, help="seconds between samples")
-    p.add_argument("--task", default="sciworld", help="the task the run plays (its simulator is sampled too)")
+    p.add_argument("--task", default="alfworld", help="the task the run plays (its simulator is sampled too)")
     p.add_argument("--model", type=Path, default=None, help="the policy (default: a tiny model built here)")
     p.add_argument("--output", type=Path, default=RESULTS)
     a = p.parse_args(argv)
