@@ -7,8 +7,9 @@ Runs `run_eto.sh TASK soak --method grpo` (a small task set played again and aga
 --model) for --minutes of wall time after the first rollout starts, then stops it (SIGINT, as Ctrl-C). Every
 --interval seconds it samples, per process of the run's tree, its resident memory and open file descriptors,
 grouped by role: pipeline, policy controller, policy worker, episode player (eval_agent.main), simulator
-(ScienceWorld's JVM, ALFWorld's game server), trainer. The long-lived ones (pipeline, controller, worker: they live across all steps and take every new policy's
-weights) must not grow without bound; the others are started fresh per stage and are reported per sample.
+(ScienceWorld's JVM, ALFWorld's game server), trainer. The long-lived ones (pipeline, controller, worker: they live
+across all steps and take every new policy's weights) must not grow without bound; the others are started fresh per
+stage and are reported per sample.
 
 Verdict per long-lived role: the growth of its memory (RSS) and open files between the mean of the second quarter
 and the mean of the last quarter of the samples, against a bound (memory: 10% or 50 MB, whichever is larger; files:
