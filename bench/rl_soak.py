@@ -124,24 +124,39 @@ def main(argv: list[str] | None = None) -> int:
             for r, ps in sorted(now.items())), flush=True)
         time.sleep(a.interval)
     ended_early = proc.poll() is not None
-    if not ended_early:
-        os.killpg(proc.pid, signal.SIGINT)  # the pipeline stops its stages and servers in order
-        proc.wait(timeout=180)
+    stop = f"ended by itself, exit {proc.returncode}" if ended_early else stop_run(proc)
+    print(f"[soak] stop: {stop}", flush=True)
     syncs = [json.loads(f.read_text()).get("weight_sync") for f in sorted((run / "stages").glob("rollout_step*.json"))]
     result = {
         "command": " ".join(["python -m bench.rl_soak", *(argv if argv is not None else sys.argv[1:])]),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
-        "task": a.task, "minutes": a.minutes, "interval_s": a.interval, "ended_early": ended_early,
+        "task": a.task, "minutes": a.minutes, "interval_s": a.interval, "ended_early": ended_early, "stop": stop,
         "updates_done": len(list((run / "stages").glob("update_step*.json"))),
         "weight_syncs": {how: sum(1 for s in syncs if s and s.get("how") == how)
                          for how in ("started", "pushed", "restarted")},
         "verdicts": {name: verdict(samples, name) for name in LONG_LIVED},
         "samples": samples,
     }
-    result["ok"] = not ended_early and all(v["ok"] for v in result["verdicts"].values())
+    result["ok"] = not ended_early and stop.startswith("SIGINT obeyed") and \
+        all(v["ok"] for v in result["verdicts"].values())
     write_json_atomic(a.output, result)
-    print(json.dumps({k: result[k] for k in ("updates_done", "weight_syncs", "verdicts", "ok")}, indent=1))
+    print(json.dumps({k: result[k] for k in ("updates_done", "weight_syncs", "stop", "verdicts", "ok")}, indent=1))
     return 0 if result["ok"] else 1
+
+
+def stop_run(proc: subprocess.Popen, grace: float = 180) -> str:
+    """Ctrl-C to the run's process group, as a terminal sends it; the pipeline stops its stages and servers in
+    order. What is left after `grace` seconds is killed, and the answer says so (the verdict then fails)."""
+    os.killpg(proc.pid, signal.SIGINT)
+    start = time.time()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        left = [f"{p.pid} {' '.join(p.cmdline()[:4])}" for p in psutil.Process(proc.pid).children(recursive=True)]
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return f"SIGINT not obeyed in {grace:.0f} s, killed; still running then: {left}"
+    return f"SIGINT obeyed in {time.time() - start:.1f} s, exit {proc.returncode}"
 
 
 if __name__ == "__main__":

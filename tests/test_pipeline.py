@@ -22,7 +22,10 @@ REPO = Path(__file__).resolve().parent.parent
 TINY_BUDGET = ["--iterations", "1", "--train_tasks", "2", "--test_tasks", "2", "--max_steps", "3",
                "--sft_samples", "4", "--sft_epochs", "1", "--sft_batch_size", "2", "--sft_per_device_batch_size", "2",
                "--dpo_batch_size", "2", "--dpo_per_device_batch_size", "2", "--dpo_epochs", "1",
-               "--model_max_length", "3072", "--num_workers", "2", "--eval_base", "1"]
+               "--model_max_length", "3072", "--num_workers", "2", "--eval_base", "1",
+               "--max_new_tokens", "64"]  # the untuned tiny model writes to the limit: the tests' main cost
+# kill tests: episodes long enough that a kill lands while the stage still has work to do
+SLOW_EPISODES = ["--max_new_tokens", "160"]
 
 
 def pipeline_cmd(task: str, exp: str, model: Path, save: Path, *extra: str) -> list[str]:
@@ -105,7 +108,8 @@ def test_killed_during_exploration_resumes_without_redoing_stages(tiny_model_dir
     save = tmp_path / "runs"
     run = save / "resume"
     # one episode at a time, so the kill lands between finished and unfinished episodes
-    cmd = pipeline_cmd("alfworld", "resume", tiny_model_dir, save, "--train_tasks", "3", "--num_workers", "1")
+    cmd = pipeline_cmd("alfworld", "resume", tiny_model_dir, save, "--train_tasks", "3", "--num_workers", "1",
+                       *SLOW_EPISODES)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
     explore = run / "explore" / "iter1"
     deadline = time.time() + 600
@@ -260,7 +264,7 @@ def test_kill_9_during_sft_exploration_and_dpo_then_rerun_gives_the_uninterrupte
     save = tmp_path / "runs"
     budget = ["--sft_epochs", "3", "--sft_batch_size", "1", "--sft_per_device_batch_size", "1", "--save_steps", "1",
               "--dpo_batch_size", "1", "--dpo_per_device_batch_size", "1", "--dpo_epochs", "3",
-              "--train_tasks", "3", "--num_workers", "1"]
+              "--train_tasks", "3", "--num_workers", "1", *SLOW_EPISODES]
     whole = subprocess.run(pipeline_cmd("alfworld", "whole", tiny_model_dir, save, *budget), capture_output=True,
                            text=True, timeout=900, cwd=tmp_path)
     assert whole.returncode == 0, whole.stdout[-3000:] + whole.stderr[-3000:]

@@ -264,6 +264,25 @@ def test_prepacked_linear_matches_and_rows_do_not_depend_on_the_batch():
         assert torch.equal(y, torch.cat([packed(x[i:i + 1]) for i in range(5)]))
 
 
+def test_prefills_of_any_length_reach_onednn_in_a_bounded_set_of_shapes(monkeypatch):
+    """oneDNN caches a primitive per input shape: a serving worker fed prompts of every length grew by ~1 MB per
+    request until prefills were cut into fixed-size products. Results stay those of one whole product."""
+    from fastchat.serve import prepack
+
+    shapes = set()
+    real = prepack.packed_product
+    monkeypatch.setattr(prepack, "packed_product", lambda rows, w, b: shapes.add(tuple(rows.shape)) or real(rows, w, b))
+    linear = torch.nn.Linear(48, 24)
+    packed = prepack.PackedLinear(linear)
+    with torch.inference_mode():
+        for rows in range(1, 400, 7):
+            x = torch.randn(1, rows, 48)
+            y = packed(x)
+            assert y.shape == (1, rows, 24) and torch.allclose(y, linear(x), atol=1e-5)
+            assert torch.equal(y[0, :1], packed(x[:, :1])[0])  # a row's result does not depend on the product
+    assert {r for r, _ in shapes} <= set(range(1, prepack.EXACT_ROWS + 1)) | {prepack.CHUNK_ROWS}
+
+
 def test_a_slow_stream_consumer_gets_the_latest_text(backend):
     """Chunks carry the whole text so far: a consumer that falls behind skips to the newest one."""
     import asyncio

@@ -89,8 +89,10 @@ def explore(p, it: int, model: Path, temperature: float, samples: int) -> Path:
 
 def start(p) -> Path:
     """eval_base (with --eval_base 1), then the starting model (SFT on the expert data, or self-play's) and
-    eval_sft."""
+    eval_sft; with --from_run, those of that run."""
     a = p.a
+    if a.from_run:
+        return p.start_from_run()
     if a.eval_base:
         evaluate(p, "base", Path(a.model_path))
     model = self_play_start(p) if a.self_play else p.sft()

@@ -38,6 +38,12 @@ ENV_PREFIX = "ETO_"
 PRESET_DIR = Path(__file__).resolve().with_name("presets")
 REPO = Path(__file__).resolve().parents[2]
 
+# The settings that make a run's start (eval_base, SFT, eval_sft): a run started --from_run another must have that
+# run's values of these, so that the start it reuses is the one its own settings describe.
+START_KNOBS = ("task", "model_path", "task_path", "self_play", "eval_base", "test_tasks", "sft_samples",
+               "subset_seed", "max_steps", "max_new_tokens", "top_p", "sft_lr", "sft_epochs", "sft_batch_size",
+               "sft_per_device_batch_size", "model_max_length", "lora", "gpus", "deepspeed", "serving",
+               "tensor_parallel_size", "max_model_len", "sft_data_sha256", "episode_protocol")
 # Settings a rerun may change: they change speed, not results. Any other difference is another run.
 SPEED_ONLY = ("num_workers", "explore_workers", "eval_workers", "worker_batch_size", "gpu_memory_utilization",
               "save_path", "restart", "save_steps", "keep_checkpoints", "gradient_checkpointing", "report_to")
@@ -112,6 +118,10 @@ class PipelineSettings:
     gamma: float = knob(-1.0, "online RL", "gigpo/ppo: discount of the step rewards in the returns, in [0, 1] (-1 = "
                         "the method's: " + ", ".join(f"{m} {g:g}" for m, g in DEFAULT_GAMMA.items()) + ")",
                         minimum=-1, maximum=1)
+
+    from_run: str = knob("", "method", "start from another run's finished start: its SFT model (shared, not copied) "
+                         "and its eval_sft (and eval_base) episodes; a run name under the same save_path or a run "
+                         "folder. The settings that make the start (START_KNOBS) must equal that run's; docs/study.md")
 
     iterations: int = knob(3, "size of the loop", "exploration/DPO iterations", minimum=0)
     train_tasks: int = knob(0, "size of the loop", "explore a fixed subset of N train tasks, spread evenly over the "
@@ -382,6 +392,9 @@ def resolve(argv: list[str] | None = None, environ: Mapping[str, str] | None = N
     if METHODS.get(settings.method).rl_algorithm and settings.temperature == 0:
         raise SettingsError(f"{source('temperature')}: --method {settings.method} learns from sampled rollouts and "
                             "their log-probabilities; greedy rollouts (temperature 0) have none")
+    if settings.from_run and settings.self_play:
+        raise SettingsError(f"{source('from_run')}: a self-play run makes its own start from the base model's "
+                            "explorations; --from_run reuses an SFT start, so give one or the other")
     if settings.self_play and settings.method not in self_play_methods():
         raise SettingsError(f"{source('self_play')}: self-play goes with --method {' or '.join(self_play_methods())}, "
                             f"got {settings.method!r} "
@@ -418,7 +431,21 @@ def derive(s: PipelineSettings, cfg: TaskConfig, source: typing.Callable[[str], 
     for name in ("model_path", "sft_data", "deepspeed"):
         if derived[name] and Path(derived[name]).exists():
             derived[name] = str(Path(derived[name]).resolve())
+    if s.from_run:
+        derived["from_run"] = str(parent_run_dir(s, source("from_run")))
     return dataclasses.replace(s, **derived)
+
+
+def parent_run_dir(s: PipelineSettings, where: str) -> Path:
+    """--from_run's run folder: a run name under save_path, or a folder; it must hold a run that is not this one."""
+    given = Path(s.from_run)
+    folder = (given if len(given.parts) > 1 or given.is_absolute() else Path(s.save_path) / given).resolve()
+    if not (folder / "settings.json").is_file():
+        raise SettingsError(f"{where}: {folder} holds no run (no settings.json); give a run name under "
+                            f"{s.save_path} or a run folder")
+    if folder == (Path(s.save_path) / s.exp_name).resolve():
+        raise SettingsError(f"{where}: a run cannot start from itself")
+    return folder
 
 
 def parse_args(argv: list[str] | None = None, description: str | None = None) -> PipelineSettings:

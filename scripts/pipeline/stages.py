@@ -22,7 +22,7 @@ from pathlib import Path
 
 from eval_agent.config import TASK_PATH_ENV, load_task_config, task_folders
 from eval_agent.envs.base import EPISODE_PROTOCOL
-from eval_agent.run_layout import RunLayout, pair_stats_file
+from eval_agent.run_layout import RunLayout, eval_stage, pair_stats_file
 from fastchat.records import PROMPT_TURNS, trajectory_record, write_json_atomic
 from fastchat.reporting import missing_writers
 from fastchat.train import OPTIMIZER_STATE_FILE
@@ -32,7 +32,7 @@ from scripts.pairs.trajectory import explored_prompt
 from scripts.pipeline.backends import SERVING_BACKENDS
 from scripts.pipeline.methods import METHODS, run_method
 from scripts.pipeline.services import LiveServing, Services, StageFailed, stop_group
-from scripts.pipeline.settings import SPEED_ONLY, PipelineSettings, accumulation_steps
+from scripts.pipeline.settings import SPEED_ONLY, START_KNOBS, PipelineSettings, accumulation_steps
 from scripts.pipeline.summary import write_summary
 from scripts.pipeline.tracking import RunTracker
 from scripts.rl_data import rl_stats_file
@@ -246,6 +246,56 @@ class Pipeline:
         self.finish(stage, started, [out / "config.json"], cost=train_cost(out),
                     samples=len(json.loads(data.read_text())))
         return out
+
+    # --- a start taken over from another run (--from_run) ---------------------------------------------------
+    def start_from_run(self) -> Path:
+        """The --from_run run's eval_base (with --eval_base 1), sft and eval_sft become this run's: its SFT model
+        is used where it is (recorded by its files' hashes, checked on every rerun) and its evaluation episodes are
+        copied into this run, so the summary and the viewer show them and every later evaluation is paired with
+        them. Refused unless that run's START_KNOBS equal this run's and it has finished those stages."""
+        parent = RunLayout(Path(self.a.from_run))
+        before, now = json.loads(parent.settings.read_text()), self.settings()
+        defaults = {f.name: f.default for f in dataclasses.fields(PipelineSettings)}
+        differ = [k for k in START_KNOBS if before.get(k) != now.get(k)
+                  and not (k not in before and k in defaults and now.get(k) == defaults[k])]
+        if differ:
+            lines = "\n".join(f"  {k}: {before.get(k)!r} there, {now.get(k)!r} here" for k in differ)
+            raise StageFailed("from_run", parent.settings, 2, f"--from_run {parent.root}: that run's start was made "
+                              f"with other settings:\n{lines}\ngive this run the same values, or start it on its own")
+        for stage in ([eval_stage("base")] if self.a.eval_base else []) + ["sft", eval_stage("sft")]:
+            self.take_over(parent, stage)
+        return parent.model("sft")
+
+    def take_over(self, parent: RunLayout, stage: str) -> None:
+        model = parent.model("sft")
+        if (rec := self.done(stage)):
+            if stage == "sft" and model_hashes(model) != rec["model_sha256"]:
+                raise StageFailed(stage, model, 2, f"{model} changed since this run took it over from "
+                                  f"{parent.root} (its weights' hashes differ): this run's later stages were built "
+                                  "on the old one; --restart this run")
+            print(f"[eto] {stage}: taken over from {parent.root} already, skipping")
+            return
+        path = parent.stage_record(stage)
+        record = json.loads(path.read_text()) if path.is_file() else None
+        if record is None or not all(Path(p).exists() for p in record.get("outputs", [])):
+            raise StageFailed("from_run", path, 2, f"--from_run {parent.root} has not finished stage {stage}: "
+                              "finish that run first (rerun its command)")
+        started = time.time()
+        extra = {"from_run": str(parent.root), "seconds_there": record["seconds"], "cost_there": record.get("cost")}
+        if stage == "sft":
+            outputs = [model / "config.json"]
+            extra |= {"model_sha256": model_hashes(model), "samples": record.get("samples")}
+        else:
+            folder = self.layout.episode_dir(stage)
+            partial = folder.with_name(folder.name + ".partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            shutil.copytree(parent.episode_dir(stage), partial)
+            shutil.rmtree(folder, ignore_errors=True)
+            partial.rename(folder)
+            outputs = [folder / "metrics.json"]
+            extra["metrics"] = record["metrics"]
+        self.finish(stage, started, outputs, cost={}, **extra)
+        print(f"[eto] {stage}: taken over from {parent.root}")
 
     def write_data(self, name: str, records: list) -> Path:
         path = self.layout.data(name)
@@ -487,6 +537,12 @@ class Pipeline:
         print(f"[eto] summary: {self.layout.summary_json}, {self.layout.summary_md}, {self.layout.summary_png}")
         print(f"[eto] see the run (stages, episodes, pairs): python -m eval_agent.viewer {self.run_dir}")
         return 0
+
+
+def model_hashes(folder: Path) -> dict[str, str]:
+    """sha256 of each weights file of a model folder."""
+    files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("pytorch_model*.bin"))
+    return {f.name: sha256_of(f) for f in files}
 
 
 def run(args: PipelineSettings) -> int:

@@ -134,7 +134,9 @@ def collect(run_dir: Path) -> dict:
                                                             for k in best}} for s in order]
     return {"run": run_dir.name, "definitions": DEFINITIONS, "results": rows, "paired_differences": differences,
             "pairs": pairs, "stage_seconds": times, "total_seconds": round(sum(t or 0 for t in times.values()), 1),
-            "test_reward_by_stage": curve, "costs": costs(stages), "rl_log": rl_log(stages)}
+            "test_reward_by_stage": curve, "costs": costs(stages), "rl_log": rl_log(stages),
+            # stages another run made (--from_run): their time and cost are that run's, counted there
+            "taken_over": {name: rec["from_run"] for name, rec in stages.items() if rec.get("from_run")}}
 
 
 def rl_log(stages: dict[str, dict]) -> list[dict]:
@@ -234,6 +236,10 @@ def markdown(summary: dict) -> str:
     other = {k: v for k, v in summary["stage_seconds"].items() if not k.startswith(EPISODE_KINDS)}
     lines.append("\ntraining/pair stages (s): " + ", ".join(f"{k}={v}" for k, v in other.items()))
     lines.append(f"total stage time: {summary['total_seconds']} s")
+    for parent in sorted(set(summary.get("taken_over", {}).values())):
+        taken = [stage for stage, run in summary["taken_over"].items() if run == parent]
+        lines.append(f"taken over from run {Path(parent).name} (--from_run; their time and cost are that run's): "
+                     + ", ".join(taken))
     table = summary["costs"]
     shown = [f for f, v in table["total"].items() if v is not None]  # fields no stage reports are left out
     lines += ["", "| cost | " + " | ".join(table["labels"][f] for f in shown) + " |", "|---" * (len(shown) + 1) + "|"]
