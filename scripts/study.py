@@ -295,7 +295,7 @@ class Unit:
 
     @property
     def log(self) -> Path:
-        return self.study.folder / "logs" / f"{self.run}.log"
+        return RunLayout(self.study.folder).log(self.run)  # the study folder keeps its runs' logs as a run does
 
     def knobs(self) -> dict[str, str]:
         """The run's flags, knob -> text: shared, the arm's, then what the runner sets."""

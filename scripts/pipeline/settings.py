@@ -26,6 +26,7 @@ import yaml
 
 from eval_agent.agents.base import MAX_NEW_TOKENS, TOP_P
 from eval_agent.config import TASK_PATH_ENV, ConfigError, TaskConfig, describe_tasks, load_task_config
+from eval_agent.run_layout import RunLayout
 from fastchat.constants import default_model_path
 from fastchat.reporting import REPORT_TO_CHOICES
 from scripts.pipeline.backends import SERVING_BACKENDS
@@ -440,7 +441,7 @@ def parent_run_dir(s: PipelineSettings, where: str) -> Path:
     """--from_run's run folder: a run name under save_path, or a folder; it must hold a run that is not this one."""
     given = Path(s.from_run)
     folder = (given if len(given.parts) > 1 or given.is_absolute() else Path(s.save_path) / given).resolve()
-    if not (folder / "settings.json").is_file():
+    if not RunLayout(folder).settings.is_file():
         raise SettingsError(f"{where}: {folder} holds no run (no settings.json); give a run name under "
                             f"{s.save_path} or a run folder")
     if folder == (Path(s.save_path) / s.exp_name).resolve():
