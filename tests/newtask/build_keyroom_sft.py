@@ -35,8 +35,9 @@ def expert_steps(task: str) -> list[tuple[str, str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--config", default="keyroom.yaml", help="a key room config next to this file")
     args = parser.parse_args()
-    cfg = load_task_config(Path(__file__).with_name("keyroom.yaml"))
+    cfg = load_task_config(Path(__file__).with_name(args.config))
     instruction, records = cfg.instruction_text(), []
     for task in cfg.make_loader().load("train"):
         env = cfg.env_class()(task, max_steps=cfg.max_steps, **cfg.env_options)
