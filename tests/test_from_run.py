@@ -61,6 +61,14 @@ def test_a_run_from_another_runs_start_trains_on_its_sft_model_and_reuses_its_ev
     other = run(pipeline_cmd("alfworld", "eto", tiny_model_dir, save, "--from_run", "start-copy"), tmp_path)
     assert other.returncode == 1 and "from_run" in other.stderr and "other settings" in other.stderr, other.stderr
 
+    # a run from a run that took its start over itself gets the same SFT model, the first run's
+    chain = run(pipeline_cmd("alfworld", "chain", tiny_model_dir, save, "--from_run", "eto", "--iterations", "0"),
+                tmp_path)
+    assert chain.returncode == 0, chain.stdout[-3000:] + chain.stderr[-3000:]
+    chained = json.loads((save / "chain" / "stages" / "sft.json").read_text())
+    assert chained["outputs"] == record["outputs"] and chained["model_sha256"] == record["model_sha256"]
+    assert episodes(save / "chain" / "eval" / "sft") == episodes(start / "eval" / "sft")
+
     # a start made with other settings is refused before any stage, naming the setting
     mismatch = run(pipeline_cmd("alfworld", "eto2", tiny_model_dir, save, "--from_run", "start", "--sft_epochs", "2"),
                    tmp_path)

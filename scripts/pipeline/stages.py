@@ -264,12 +264,11 @@ class Pipeline:
                               f"with other settings:\n{lines}\ngive this run the same values, or start it on its own")
         for stage in ([eval_stage("base")] if self.a.eval_base else []) + ["sft", eval_stage("sft")]:
             self.take_over(parent, stage)
-        return parent.model("sft")
+        return sft_model(self.done("sft"))
 
     def take_over(self, parent: RunLayout, stage: str) -> None:
-        model = parent.model("sft")
         if (rec := self.done(stage)):
-            if stage == "sft" and model_hashes(model) != rec["model_sha256"]:
+            if stage == "sft" and model_hashes(model := sft_model(rec)) != rec["model_sha256"]:
                 raise StageFailed(stage, model, 2, f"{model} changed since this run took it over from "
                                   f"{parent.root} (its weights' hashes differ): this run's later stages were built "
                                   "on the old one; --restart this run")
@@ -282,7 +281,8 @@ class Pipeline:
                               "finish that run first (rerun its command)")
         started = time.time()
         extra = {"from_run": str(parent.root), "seconds_there": record["seconds"], "cost_there": record.get("cost")}
-        if stage == "sft":
+        if stage == "sft":  # where that run's record says: its own, or the one it took over itself
+            model = sft_model(record)
             outputs = [model / "config.json"]
             extra |= {"model_sha256": model_hashes(model), "samples": record.get("samples")}
         else:
@@ -537,6 +537,11 @@ class Pipeline:
         print(f"[eto] summary: {self.layout.summary_json}, {self.layout.summary_md}, {self.layout.summary_png}")
         print(f"[eto] see the run (stages, episodes, pairs): python -m eval_agent.viewer {self.run_dir}")
         return 0
+
+
+def sft_model(record: dict) -> Path:
+    """The model folder of an sft stage record (its output is the folder's config.json)."""
+    return Path(record["outputs"][0]).parent
 
 
 def model_hashes(folder: Path) -> dict[str, str]:
