@@ -48,13 +48,14 @@ from eval_agent.run_layout import RunLayout, eval_stage, iteration_number, rl_st
 from eval_agent.runner import sum_costs
 from fastchat.records import write_json_atomic, write_text_atomic
 from scripts.pipeline.methods import METHODS
-from scripts.pipeline.services import stop_group
+from scripts.pipeline.services import run_logged
 from scripts.pipeline.settings import KNOBS, START_KNOBS, SettingsError, read_value
 from scripts.pipeline.summary import (
     BEST_OF_K_LABEL,
     COST_LABELS,
     TEST_STAGE_LABELS,
     best_of_k_stages,
+    cost_total,
     paired_difference,
     stage_row,
 )
@@ -389,11 +390,7 @@ def own_cost(run_dir: Path) -> dict:
     """The sums of the run's own stages' costs (summary.json costs; taken-over stages left out); peaks: the max."""
     summary = json.loads(RunLayout(run_dir).summary_json.read_text(encoding="utf-8"))
     taken = summary.get("taken_over") or {}
-    rows = [r for r in summary["costs"]["stages"] if r["stage"] not in taken]
-    peaks = [f for f in COST_LABELS if f.startswith("peak")]
-    total = sum_costs([{f: r.get(f) for f in COST_LABELS if f not in peaks} for r in rows])
-    total.update({f: max((r[f] for r in rows if r.get(f) is not None), default=None) for f in peaks})
-    return {f: total.get(f) for f in COST_LABELS}
+    return cost_total([r for r in summary["costs"]["stages"] if r["stage"] not in taken])
 
 
 def git_state(results_dir: Path) -> dict:
@@ -455,17 +452,8 @@ def run_environment() -> dict[str, str]:
 def launch(unit: Unit, env: dict[str, str]) -> int:
     """Run the unit's pipeline from the repository root, its output appended to its log; its exit status. The run
     is its own process group, stopped (it stops what it started) when this process is interrupted."""
-    unit.log.parent.mkdir(parents=True, exist_ok=True)
-    with open(unit.log, "a", encoding="utf-8") as log:
-        log.write(f"\n[study {datetime.datetime.now().isoformat(timespec='seconds')}] $ {shlex.join(unit.argv())}\n")
-        log.flush()
-        proc = subprocess.Popen(unit.argv(), stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env,
-                                start_new_session=True)
-        try:
-            return proc.wait()
-        except BaseException:
-            stop_group(proc)
-            raise
+    header = f"\n[study {datetime.datetime.now().isoformat(timespec='seconds')}] $ {shlex.join(unit.argv())}"
+    return run_logged(unit.argv(), unit.log, header, env, REPO)
 
 
 def execute(unit: Unit, env: dict[str, str], position: str) -> float:

@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ from scripts.pairs.rule import PAIR_RULES
 from scripts.pairs.trajectory import explored_prompt
 from scripts.pipeline.backends import SERVING_BACKENDS
 from scripts.pipeline.methods import METHODS, run_method
-from scripts.pipeline.services import LiveServing, Services, StageFailed, stop_group
+from scripts.pipeline.services import LiveServing, Services, StageFailed, run_logged
 from scripts.pipeline.settings import SPEED_ONLY, START_KNOBS, PipelineSettings, accumulation_steps
 from scripts.pipeline.summary import write_summary
 from scripts.pipeline.tracking import RunTracker
@@ -112,18 +111,7 @@ class Pipeline:
     def run(self, stage: str, cmd: list[str], cwd: Path = REPO) -> None:
         log_path = self.layout.log(stage)
         print(f"[eto] {stage}: running (log: {log_path})", flush=True)
-        with open(log_path, "a") as log:
-            log.write(f"\n$ {' '.join(cmd)}\n")
-            log.flush()
-            # own process group: on interrupt the stage and everything it started (env workers, JVMs) go
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                    env={**self.env, **self.tracker.stage_env(stage)}, cwd=cwd,
-                                    start_new_session=True)
-            try:
-                code = proc.wait()
-            except BaseException:
-                stop_group(proc)
-                raise
+        code = run_logged(cmd, log_path, f"\n$ {' '.join(cmd)}", {**self.env, **self.tracker.stage_env(stage)}, cwd)
         if code != 0:
             raise StageFailed(stage, log_path, code)
 
@@ -255,9 +243,7 @@ class Pipeline:
         them. Refused unless that run's START_KNOBS equal this run's and it has finished those stages."""
         parent = RunLayout(Path(self.a.from_run))
         before, now = json.loads(parent.settings.read_text()), self.settings()
-        defaults = {f.name: f.default for f in dataclasses.fields(PipelineSettings)}
-        differ = [k for k in START_KNOBS if before.get(k) != now.get(k)
-                  and not (k not in before and k in defaults and now.get(k) == defaults[k])]
+        differ = settings_differences(before, now, START_KNOBS)
         if differ:
             lines = "\n".join(f"  {k}: {before.get(k)!r} there, {now.get(k)!r} here" for k in differ)
             raise StageFailed("from_run", parent.settings, 2, f"--from_run {parent.root}: that run's start was made "
@@ -512,11 +498,8 @@ class Pipeline:
         if path.exists():
             before = json.loads(path.read_text())
             keys = sorted((set(before) | set(now)) - set(SPEED_ONLY))
-            defaults = {f.name: f.default for f in dataclasses.fields(PipelineSettings)}
-            differ = [k for k in keys if before.get(k) != now.get(k)
-                      and not (k == "sft_data_sha256" and before.get(k) is None)  # built since
-                      # a knob added since the run started, left at its default, changes nothing of that run
-                      and not (k not in before and k in defaults and now[k] == defaults[k])]
+            differ = [k for k in settings_differences(before, now, keys)
+                      if not (k == "sft_data_sha256" and before.get(k) is None)]  # built since
             if differ:
                 lines = "\n".join(f"  {k}: {before.get(k)!r} then, {now.get(k)!r} now" for k in differ)
                 raise StageFailed("settings", path, 2,
@@ -537,6 +520,14 @@ class Pipeline:
         print(f"[eto] summary: {self.layout.summary_json}, {self.layout.summary_md}, {self.layout.summary_png}")
         print(f"[eto] see the run (stages, episodes, pairs): python -m eval_agent.viewer {self.run_dir}")
         return 0
+
+
+def settings_differences(before: dict, now: dict, keys) -> list[str]:
+    """The keys whose recorded value `before` differs from `now`'s. A knob added since `before` was recorded, left
+    at its default, is no difference: it changes nothing of that run."""
+    defaults = {f.name: f.default for f in dataclasses.fields(PipelineSettings)}
+    return [k for k in keys if before.get(k) != now.get(k)
+            and not (k not in before and k in defaults and now.get(k) == defaults[k])]
 
 
 def sft_model(record: dict) -> Path:

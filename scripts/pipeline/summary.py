@@ -105,10 +105,15 @@ def costs(stages: dict[str, dict]) -> dict:
     for name, rec in stages.items():
         cost = {"wall_seconds": rec.get("seconds"), **rec.get("cost", {})}
         rows.append({"stage": name, **{f: cost.get(f) for f in COST_LABELS}})
+    return {"labels": COST_LABELS, "stages": rows, "total": cost_total(rows)}
+
+
+def cost_total(rows: list[dict]) -> dict:
+    """Cost rows (COST_LABELS fields) together: each field summed, the peaks' maximum; None where no row has it."""
     peak = [f for f in COST_LABELS if f.startswith("peak")]
-    total = sum_costs([{f: r[f] for f in COST_LABELS if f not in peak} for r in rows])
-    total.update({f: max((r[f] for r in rows if r[f] is not None), default=None) for f in peak})
-    return {"labels": COST_LABELS, "stages": rows, "total": {f: total.get(f) for f in COST_LABELS}}
+    total = sum_costs([{f: r.get(f) for f in COST_LABELS if f not in peak} for r in rows])
+    total.update({f: max((r[f] for r in rows if r.get(f) is not None), default=None) for f in peak})
+    return {f: total.get(f) for f in COST_LABELS}
 
 
 def collect(run_dir: Path) -> dict:
