@@ -10,7 +10,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Callable, Literal
 
 import torch
 import transformers
@@ -23,6 +23,7 @@ from fastchat.conversation import save_template_name, template_for_model
 from fastchat.model.portable import make_portable
 from fastchat.records import write_json_atomic
 from fastchat.reporting import Progress, missing_writers, wandb_offline_unless_asked
+from fastchat.train.data import DataError, report_skipped
 
 logger = logging.getLogger("fastchat.train")
 
@@ -435,3 +436,59 @@ def peak_memory() -> dict[str, float]:
 def write_summary(output_dir, **fields) -> None:
     """<output_dir>/train_summary.json: sizes, timings and peak memory of the run."""
     write_json_atomic(Path(output_dir) / "train_summary.json", {**fields, **peak_memory()})
+
+
+@dataclass
+class TrainingStart:
+    """What every trainer has before it loads its model: its arguments, tokenizer, chat template, the records of
+    its data file and their encodings (the usable ones)."""
+
+    model_args: ModelArguments
+    data_args: DataArguments
+    args: EtoTrainingArguments
+    tokenizer: Any
+    template: Any
+    records: list[dict]
+    dataset: list[dict]
+
+
+def start_training(argv: list[str] | None, training_arguments: type[EtoTrainingArguments],
+                   load_records: Callable[[str, EtoTrainingArguments], list[dict]], encode: Callable,
+                   data_kind: str, unit: str, check: Callable[[ModelArguments, EtoTrainingArguments], None] = None,
+                   ) -> TrainingStart:
+    """The trainers' common start: parse the arguments, log, `check` them, seed, load the tokenizer and chat
+    template, read the data file (a bad one stops with "bad <data_kind>: <file and record>"), encode it (samples
+    that cannot be trained on are listed in <output_dir>/skipped_samples.json) and stop when no <unit> is usable."""
+    parser = transformers.HfArgumentParser((ModelArguments, DataArguments, training_arguments))
+    model_args, data_args, args = parser.parse_args_into_dataclasses(args=argv)
+    setup_logging(args)
+    if not data_args.data_path:
+        raise SystemExit("--data_path is required")
+    if check is not None:
+        check(model_args, args)
+    transformers.set_seed(args.seed)
+    tokenizer, template = load_tokenizer_and_template(model_args)
+    try:
+        records = load_records(data_args.data_path, args)
+    except DataError as e:
+        raise SystemExit(f"bad {data_kind}: {e}") from None
+    records = records[: data_args.max_samples] if data_args.max_samples else records
+    dataset, skipped = encode(records, tokenizer, template, args.model_max_length)
+    if args.should_save:
+        report_skipped(args.output_dir, data_args.data_path, len(records), skipped, log=logger.info)
+    if not dataset:
+        raise SystemExit(f"{data_args.data_path}: no usable {unit} (see {args.output_dir}/skipped_samples.json)")
+    return TrainingStart(model_args, data_args, args, tokenizer, template, records, dataset)
+
+
+def finish_training(trainer: transformers.Trainer, args: EtoTrainingArguments, result, **summary) -> None:
+    """The trainers' common end, once the model is saved: remove the checkpoints, write train_summary.json (the
+    trainer's `summary` fields and the epochs, times, loss and peak memory every trainer reports) and close the
+    process group."""
+    remove_checkpoints(trainer, args)
+    if trainer.is_world_process_zero():
+        write_summary(args.output_dir, **summary, epochs=args.num_train_epochs,
+                      train_runtime_s=result.metrics.get("train_runtime"), train_cpu_s=result.metrics["train_cpu_s"],
+                      train_loss=result.training_loss, padding_free=args.padding_free)
+    logger.info("done: train_loss=%.4f in %.1fs", result.training_loss, result.metrics.get("train_runtime", 0.0))
+    close_distributed()

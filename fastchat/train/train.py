@@ -18,25 +18,19 @@ import sys
 from dataclasses import dataclass, field
 from typing import Literal
 
-import transformers
-from transformers import HfArgumentParser, Trainer
+from transformers import Trainer
 
 from fastchat.train.common import (
-    DataArguments,
     EtoTrainingArguments,
-    ModelArguments,
     apply_lora,
-    close_distributed,
+    finish_training,
     load_model,
-    load_tokenizer_and_template,
     logger,
-    remove_checkpoints,
     save_trained,
-    setup_logging,
+    start_training,
     train_resuming,
-    write_summary,
 )
-from fastchat.train.data import DataError, SFTCollator, encode_sft, load_sft_records, report_skipped
+from fastchat.train.data import SFTCollator, encode_sft, load_sft_records
 from fastchat.train.packing import supervised_token_logps
 
 
@@ -83,45 +77,24 @@ def sft_trainer_class(args: SFTTrainingArguments) -> type[SFTTrainer]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = HfArgumentParser((ModelArguments, DataArguments, SFTTrainingArguments))
-    model_args, data_args, args = parser.parse_args_into_dataclasses(args=argv)
-    setup_logging(args)
-    if not data_args.data_path:
-        raise SystemExit("--data_path is required")
-    transformers.set_seed(args.seed)
-
-    tokenizer, template = load_tokenizer_and_template(model_args)
-    try:
-        records = load_sft_records(data_args.data_path)
-    except DataError as e:
-        raise SystemExit(f"bad training data: {e}") from None
-    records = records[: data_args.max_samples] if data_args.max_samples else records
-    dataset, skipped = encode_sft(records, tokenizer, template, args.model_max_length)
-    if args.should_save:
-        report_skipped(args.output_dir, data_args.data_path, len(records), skipped, log=logger.info)
-    if not dataset:
-        raise SystemExit(f"{data_args.data_path}: no usable sample (see {args.output_dir}/skipped_samples.json)")
+    prepared = start_training(argv, SFTTrainingArguments, lambda path, args: load_sft_records(path), encode_sft,
+                              "training data", "sample")
+    args, dataset, tokenizer = prepared.args, prepared.dataset, prepared.tokenizer
     n_sup = sum(sum(t != -100 for t in x["labels"]) for x in dataset)
     n_tok = sum(len(x["input_ids"]) for x in dataset)
     logger.info("SFT on %d samples, %d tokens, %d supervised (assistant) tokens", len(dataset), n_tok, n_sup)
 
-    model = load_model(model_args.model_name_or_path, args)
-    if model_args.lora:
-        model = apply_lora(model, model_args, args)
+    model = load_model(prepared.model_args.model_name_or_path, args)
+    if prepared.model_args.lora:
+        model = apply_lora(model, prepared.model_args, args)
     collator = SFTCollator(tokenizer.pad_token_id, packed=args.padding_free)
     trainer = sft_trainer_class(args)(model=model, args=args, train_dataset=dataset, data_collator=collator,
                             processing_class=tokenizer)
     result = train_resuming(trainer, args)
     trainer.save_state()
-    save_trained(trainer, tokenizer, template, model_args, args.output_dir)
-    remove_checkpoints(trainer, args)
-    if trainer.is_world_process_zero():
-        write_summary(args.output_dir, samples=len(dataset), tokens_per_epoch=n_tok, supervised_tokens=n_sup,
-                      epochs=args.num_train_epochs, train_runtime_s=result.metrics.get("train_runtime"),
-                      train_cpu_s=result.metrics["train_cpu_s"],
-                      train_loss=result.training_loss, padding_free=args.padding_free, **collator.work_stats())
-    logger.info("done: train_loss=%.4f in %.1fs", result.training_loss, result.metrics.get("train_runtime", 0.0))
-    close_distributed()
+    save_trained(trainer, tokenizer, prepared.template, prepared.model_args, args.output_dir)
+    finish_training(trainer, args, result, samples=len(dataset), tokens_per_epoch=n_tok, supervised_tokens=n_sup,
+                    **collator.work_stats())
 
 
 if __name__ == "__main__":

@@ -29,35 +29,27 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-import transformers
-from transformers import HfArgumentParser, Trainer
+from transformers import Trainer
 
 from fastchat.records import KINDS
 from fastchat.train.common import (
-    DataArguments,
     EtoTrainingArguments,
-    ModelArguments,
     apply_lora,
-    close_distributed,
+    finish_training,
     load_model,
-    load_tokenizer_and_template,
     logger,
     prepare_reference,
-    remove_checkpoints,
     save_trained,
-    setup_logging,
+    start_training,
     train_resuming,
-    write_summary,
     zero3_gathered,
 )
 from fastchat.train.data import (
     IGNORE_INDEX,
     SFT_KIND,
-    DataError,
     DPOCollator,
     encode_dpo,
     load_dpo_records,
-    report_skipped,
 )
 from fastchat.train.packing import packed_sequence_logps
 
@@ -224,24 +216,9 @@ def free_model(model) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = HfArgumentParser((ModelArguments, DataArguments, DPOTrainingArguments))
-    model_args, data_args, args = parser.parse_args_into_dataclasses(args=argv)
-    setup_logging(args)
-    if not data_args.data_path:
-        raise SystemExit("--data_path is required")
-    transformers.set_seed(args.seed)
-
-    tokenizer, template = load_tokenizer_and_template(model_args)
-    try:
-        records = load_dpo_records(data_args.data_path)
-    except DataError as e:
-        raise SystemExit(f"bad DPO data: {e}") from None
-    records = records[: data_args.max_samples] if data_args.max_samples else records
-    dataset, skipped = encode_dpo(records, tokenizer, template, args.model_max_length)
-    if args.should_save:
-        report_skipped(args.output_dir, data_args.data_path, len(records), skipped, log=logger.info)
-    if not dataset:
-        raise SystemExit(f"{data_args.data_path}: no usable pair (see {args.output_dir}/skipped_samples.json)")
+    prepared = start_training(argv, DPOTrainingArguments, lambda path, args: load_dpo_records(path), encode_dpo,
+                              "DPO data", "pair")
+    model_args, args, dataset, tokenizer = prepared.model_args, prepared.args, prepared.dataset, prepared.tokenizer
     n_tok = sum(len(x["chosen_input_ids"]) + len(x.get("rejected_input_ids", ())) for x in dataset)
     kind_counts = {name: sum(x["kind"] == i for x in dataset) for i, name in enumerate(KINDS)}
     logger.info("DPO on %d records %s, %d tokens (chosen + rejected), beta=%g, loss weights %s", len(dataset),
@@ -275,17 +252,10 @@ def main(argv: list[str] | None = None) -> None:
                          processing_class=tokenizer, beta=args.beta, ref_model=ref_model)
     result = train_resuming(trainer, args)
     trainer.save_state()
-    save_trained(trainer, tokenizer, template, model_args, args.output_dir)
-    remove_checkpoints(trainer, args)
-    if trainer.is_world_process_zero():
-        write_summary(args.output_dir, pairs=len(dataset), tokens_per_epoch=n_tok, epochs=args.num_train_epochs,
-                      train_runtime_s=result.metrics.get("train_runtime"),
-                      train_cpu_s=result.metrics["train_cpu_s"], precompute_s=precompute_s,
-                      precompute_ref_logps=args.precompute_ref_logps, train_loss=result.training_loss,
-                      padding_free=args.padding_free, kinds=kind_counts, loss_weights=args.loss_weights(),
-                      **collator.work_stats())
-    logger.info("done: train_loss=%.4f in %.1fs", result.training_loss, result.metrics.get("train_runtime", 0.0))
-    close_distributed()
+    save_trained(trainer, tokenizer, prepared.template, model_args, args.output_dir)
+    finish_training(trainer, args, result, pairs=len(dataset), tokens_per_epoch=n_tok, precompute_s=precompute_s,
+                    precompute_ref_logps=args.precompute_ref_logps, kinds=kind_counts,
+                    loss_weights=args.loss_weights(), **collator.work_stats())
 
 
 if __name__ == "__main__":

@@ -45,8 +45,7 @@ from typing import Literal
 import safetensors.torch
 import torch
 import torch.utils.checkpoint
-import transformers
-from transformers import HfArgumentParser, Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 from fastchat.conversation import render
@@ -62,19 +61,15 @@ from fastchat.records import (
 from fastchat.train import OPTIMIZER_STATE_FILE
 from fastchat.train.advantages import gae
 from fastchat.train.common import (
-    DataArguments,
     EtoTrainingArguments,
     ModelArguments,
     apply_lora,
-    close_distributed,
+    finish_training,
     load_model,
-    load_tokenizer_and_template,
     logger,
-    remove_checkpoints,
     save_trained,
-    setup_logging,
+    start_training,
     train_resuming,
-    write_summary,
     zero3_gathered,
 )
 from fastchat.train.data import (
@@ -85,7 +80,6 @@ from fastchat.train.data import (
     SkipSample,
     encode_conversation,
     load_json_list,
-    report_skipped,
     with_offsets,
 )
 from fastchat.train.packing import CHUNK_ELEMENTS, output_head
@@ -605,32 +599,21 @@ class PGTrainer(Trainer):
         self.value_head = None
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = HfArgumentParser((ModelArguments, DataArguments, PGTrainingArguments))
-    model_args, data_args, args = parser.parse_args_into_dataclasses(args=argv)
-    setup_logging(args)
-    if not data_args.data_path:
-        raise SystemExit("--data_path is required")
+def refuse_lora_with_optimizer_state(model_args: ModelArguments, args: PGTrainingArguments) -> None:
     if model_args.lora and args.optimizer_state_from:
         raise SystemExit("--optimizer_state_from with --lora: each update trains a fresh adapter on the merged model, "
                          "whose moments an earlier adapter's optimizer does not hold")
-    transformers.set_seed(args.seed)
-    ppo = args.algorithm == "ppo"
 
-    tokenizer, template = load_tokenizer_and_template(model_args)
-    try:
-        records = load_rl_records(data_args.data_path, need_returns=ppo)
-    except DataError as e:
-        raise SystemExit(f"bad RL data: {e}") from None
-    records = records[: data_args.max_samples] if data_args.max_samples else records
-    dataset, skipped = encode_rl(records, tokenizer, template, args.model_max_length)
-    if args.should_save:
-        report_skipped(args.output_dir, data_args.data_path, len(records), skipped, log=logger.info)
-    if not dataset:
-        raise SystemExit(f"{data_args.data_path}: no usable episode (see {args.output_dir}/skipped_samples.json)")
+
+def main(argv: list[str] | None = None) -> None:
+    prepared = start_training(argv, PGTrainingArguments,
+                              lambda path, args: load_rl_records(path, need_returns=args.algorithm == "ppo"), encode_rl,
+                              "RL data", "episode", check=refuse_lora_with_optimizer_state)
+    model_args, args, dataset, tokenizer = prepared.model_args, prepared.args, prepared.dataset, prepared.tokenizer
+    ppo = args.algorithm == "ppo"
     n_tok = sum(len(x["input_ids"]) for x in dataset)
     n_agent = sum(t >= 0 for x in dataset for t in x["turns"])
-    versions = Counter(r.get("policy_version") for r in records)
+    versions = Counter(r.get("policy_version") for r in prepared.records)
     logger.info("%s on %d episodes, %d tokens, %d agent tokens; policy versions %s", args.algorithm.upper(),
                 len(dataset), n_tok, n_agent, dict(versions))
 
@@ -672,20 +655,14 @@ def main(argv: list[str] | None = None) -> None:
     trainer.save_state()
     if value_head is not None:
         trainer.detach_value_head(host, args.output_dir)
-    save_trained(trainer, tokenizer, template, model_args, args.output_dir)
+    save_trained(trainer, tokenizer, prepared.template, model_args, args.output_dir)
     if not (args.deepspeed or model_args.lora):
         trainer.save_optimizer_state(args.output_dir)
-    remove_checkpoints(trainer, args)
-    if trainer.is_world_process_zero():
-        write_summary(args.output_dir, algorithm=args.algorithm, episodes=len(dataset), tokens_per_epoch=n_tok,
-                      agent_tokens=n_agent, epochs=args.num_train_epochs, optimizer_steps=trainer.state.global_step,
-                      policy_versions=sorted(versions, key=lambda v: (v is None, v)),
-                      train_runtime_s=result.metrics.get("train_runtime"), train_cpu_s=result.metrics["train_cpu_s"],
-                      precompute_s=precompute_s, train_loss=result.training_loss, padding_free=args.padding_free,
-                      loss_aggregation=args.loss_aggregation, kl_coef=args.kl_coef, clip_range=args.clip_range,
-                      value_head_init=value_source, gae_advantages=gae_stats, **collator.work_stats())
-    logger.info("done: train_loss=%.4f in %.1fs", result.training_loss, result.metrics.get("train_runtime", 0.0))
-    close_distributed()
+    finish_training(trainer, args, result, algorithm=args.algorithm, episodes=len(dataset), tokens_per_epoch=n_tok,
+                    agent_tokens=n_agent, optimizer_steps=trainer.state.global_step,
+                    policy_versions=sorted(versions, key=lambda v: (v is None, v)), precompute_s=precompute_s,
+                    loss_aggregation=args.loss_aggregation, kl_coef=args.kl_coef, clip_range=args.clip_range,
+                    value_head_init=value_source, gae_advantages=gae_stats, **collator.work_stats())
 
 
 if __name__ == "__main__":
