@@ -37,6 +37,13 @@ def write_study(tmp_path: Path, **fields) -> Path:
 
 # --- the study file ---------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("path", sorted((REPO / "scripts" / "studies").glob("*.yaml")), ids=lambda p: p.stem)
+def test_the_committed_study_files_pass_their_checks(path):
+    study = load_study(path)
+    assert study.arms and study.seeds
+    assert study.results_dir.relative_to(REPO / "docs" / "results")  # committed beside the other results
+
+
 @pytest.mark.parametrize(("fields", "where", "problem"), [
     ({"arms": None}, "arms", "missing"),
     ({"seeds": [0, "one"]}, "seeds", "list of integers"),
