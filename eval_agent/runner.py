@@ -26,6 +26,7 @@ from typing import Any
 
 from eval_agent.agents.base import Agent, ContextOverflowError, ModelError
 from eval_agent.config import TaskConfig
+from eval_agent.envs.base import UNKNOWN
 from eval_agent.metrics import DEFINITIONS, summarise
 from eval_agent.prompt import build_messages
 from eval_agent.tasks.base import Task
@@ -114,6 +115,7 @@ def run_episode(cfg: TaskConfig, task: Task, agent: Agent, icl_num: int, instruc
     versions: set[int] = set()  # the policy versions the agent's answers came from (online RL)
     turns: list[dict[str, str]] = []
     step_scores: list[float] = []  # the episode's reward after each agent step (online RL's per-step rewards)
+    step_outcomes: list[str] = []  # what became of each agent step (envs.base STEP_OUTCOMES): behaviour statistics
     final_observation = None
     try:
         env = pool.acquire(task)
@@ -133,8 +135,9 @@ def run_episode(cfg: TaskConfig, task: Task, agent: Agent, icl_num: int, instruc
             messages.append({"role": "assistant", "content": answer})
             turns.append({"from": "gpt", "value": answer})
             with pool.lock:
-                observation, score, done, _ = env.step(answer)
+                observation, score, done, info = env.step(answer)
             step_scores.append(score)
+            step_outcomes.append(info.get("outcome", UNKNOWN))
             _show(verbose, task, "env", observation)
             if done:
                 final_observation = observation
@@ -160,7 +163,7 @@ def run_episode(cfg: TaskConfig, task: Task, agent: Agent, icl_num: int, instruc
         if envs is None:
             pool.close_all()
     meta = {**state, "final_observation": final_observation, "step_scores": step_scores,
-            "policy_versions": sorted(versions),
+            "step_outcomes": step_outcomes, "policy_versions": sorted(versions),
             "cost": episode_cost(calls, state["steps"], time.monotonic() - started)}
     return trajectory_record(task.id, turns, meta=meta)
 

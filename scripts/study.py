@@ -54,6 +54,7 @@ from scripts.pipeline.summary import (
     BEST_OF_K_LABEL,
     COST_LABELS,
     TEST_STAGE_LABELS,
+    behaviour_table,
     best_of_k_stages,
     cost_total,
     paired_difference,
@@ -617,7 +618,8 @@ def build_table(study: Study) -> dict:
                     "samples_per_task": samples, "average_reward": reward_of(r, best),
                     "reward_ci95": r.get("best_of_k_ci95" if best else "reward_ci95"),
                     "success_rate": r["success_rate"], "success_ci95": r.get("success_ci95"),
-                    "num_success": r.get("num_success"), "episodes": r["tasks"] * samples}
+                    "num_success": r.get("num_success"), "episodes": r["tasks"] * samples,
+                    "behaviour": r.get("behaviour")}
                 if results[unit.run].get("start_reproduced") is False:
                     per_seed[str(seed)]["start_reproduced"] = False
                     flagged.add(name)
@@ -769,6 +771,10 @@ def markdown(table: dict) -> str:
             lines.append("| " + " | ".join(cells) + " |")
         lines += ["", "Per seed over that seed's test tasks; pooled over the (seed, task) pairs of the seeds where "
                   "both rows ran. Every run of a seed played the same test tasks."]
+    acted = [(f"{row['row']}, seed {s}", c.get("behaviour")) for row in table["rows"] for s, c in
+             row["per_seed"].items() if c["status"] == "done"]
+    if any(a for _, a in acted):
+        lines += ["", "## Behaviour", ""] + behaviour_table(acted)[1:]
     shown = [f for f in COST_SHOWN if any(c.get(f) is not None for c in table["costs"])]
     lines += ["", "## Cost (each run's own stages, summed over seeds)", "",
               "| | seeds | " + " | ".join(COST_LABELS[f] for f in shown) + " |", "|---" * (len(shown) + 2) + "|"]

@@ -144,8 +144,9 @@ def test_bad_outputs_get_clear_observations_and_count_as_steps():
         assert env.step("x" * 10_000)[0] == ERROR_INPUT_OBSERVATION
         obs, reward, done, info = env.step("Thought: try.\nAction: fly to the moon")
         assert obs == "Observation: Nothing happens." and info["action"] == "fly to the moon"
-        obs, reward, done, _ = env.step("Thought: " + "y" * 10_000 + "\nAction: go to sinkbasin 1")
-        assert obs.startswith("Observation: On the sinkbasin 1, you see")
+        assert info["outcome"] == "rejected"  # what the behaviour table counts
+        obs, reward, done, info = env.step("Thought: " + "y" * 10_000 + "\nAction: go to sinkbasin 1")
+        assert obs.startswith("Observation: On the sinkbasin 1, you see") and info["outcome"] == "ran"
         assert env.state.steps == 5 and not done and reward == 0.0 and not env.state.finished
     finally:
         env.close()

@@ -114,9 +114,10 @@ def test_bad_model_output_keeps_episode_going(env):
     expected = [INVALID_FORMAT_OBSERVATION, INVALID_FORMAT_OBSERVATION,
                 "Observation: No known action matches that input.", INVALID_FORMAT_OBSERVATION,
                 TOO_LONG_OBSERVATION, INVALID_FORMAT_OBSERVATION]
-    for i, (output, want) in enumerate(zip(outputs, expected), 1):
-        observation, reward, done, _ = env.step(output)
-        assert observation == want
+    outcomes = ["invalid_format", "invalid_format", "rejected", "invalid_format", "not_run", "invalid_format"]
+    for i, (output, want, outcome) in enumerate(zip(outputs, expected, outcomes), 1):
+        observation, reward, done, info = env.step(output)
+        assert (observation, info["outcome"]) == (want, outcome)
         # the unknown action reports the simulator's score (the reset's look-around scored); the next answer
         # without "Action:" sets it back to 0, and the over-long action (not run) leaves it there
         want_reward = env.simulator.server.getScore() if i == 3 else 0.0
@@ -124,11 +125,14 @@ def test_bad_model_output_keeps_episode_going(env):
     # A long thought before a valid action is fine: the action is still executed.
     observation, _, done, info = env.step("w" * 10_000 + "\nAction: look around")
     assert info["action"] == "look around" and observation.startswith("Observation: This room is called")
+    assert info["outcome"] == "ran"
     assert env.state.steps == 7 and not done
     # The original executes the text after the *first* "Action:", to the end of the answer.
     observation, _, _, info = env.step("Thought: x\nAction: look around\nAction: inventory")
     assert info["action"] == "look around\nAction: inventory"
-    assert observation == "Observation: No known action matches that input."
+    assert observation == "Observation: No known action matches that input." and info["outcome"] == "rejected"
+    observation, _, _, info = env.step("Action: open door")  # several doors: the simulator asks which
+    assert observation.startswith("Observation: Ambiguous request:") and info["outcome"] == "rejected"
 
 
 def test_step_limit_ends_episode(env):

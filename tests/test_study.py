@@ -156,6 +156,11 @@ def test_table_from_result_files_alone(tmp_path, capsys):
     sft = {0: {"a": 0.5, "b": 0.0, "c": 0.25}, 1: {"d": 0.0, "e": 1.0, "f": 0.0}}
     it1 = {0: {"a": 1.0, "b": 0.0, "c": 0.5}, 1: {"d": 0.5, "e": 1.0, "f": 0.0}}
     commit(start0, result(start0, {"eval_base": {t: 0.0 for t in sft[0]}, "eval_sft": sft[0]}))
+    acted = {"episodes": 3, "steps_per_episode": 12.0, "invalid_format": 0.0, "rejected": 0.8, "ran": 0.2,
+             "top_verbs": [["go", 5], ["look", 2]]}  # the result file's SFT row's behaviour (summary.stage_row)
+    data = json.loads(start0.result_file.read_text())
+    data["evaluations"][1]["row"]["behaviour"] = acted
+    commit(start0, data)
     commit(start1, result(start1, {"eval_base": {t: 0.0 for t in sft[1]}, "eval_sft": sft[1]}))
     commit(eto0, result(eto0, {"eval_iter1": it1[0], "eval_iter2": {"a": 1.0, "b": 1.0, "c": 0.0}}))
     commit(eto1, result(eto1, {"eval_iter1": it1[1]}))  # stopped after one iteration (no pairs)
@@ -195,6 +200,8 @@ def test_table_from_result_files_alone(tmp_path, capsys):
     md = (tmp_path / "results" / "table.md").read_text()
     assert "| bon (best-of-K) | 0.500 [" in md and "| not run yet |  |  |" in md
     assert f"| bon-s1 | `python -m scripts.study {path} --seeds 1 --arms bon` |" in md
+    assert rows["SFT"]["per_seed"]["0"]["behaviour"] == acted and rows["SFT"]["per_seed"]["1"]["behaviour"] is None
+    assert "## Behaviour" in md and "| SFT, seed 0 | 3 | 12.00 | 0.80 | 0.20 | go 5, look 2 |" in md
     assert (tmp_path / "results" / "figure.png").stat().st_size > 1000
     capsys.readouterr()
 

@@ -44,7 +44,7 @@ def test_search_from_an_item_page_goes_to_results():
     item = open_target(env)
     assert "Buy Now" in item
     obs, reward, done, info = env.step("Thought: try another query.\nAction: search[women sweater]")
-    assert info["valid_format"] and reward == 0 and not done
+    assert info["valid_format"] and info["outcome"] == "ran" and reward == 0 and not done
     assert obs.startswith("Observation:\nInstruction: [SEP] ")
     assert "[SEP] Back to Search [SEP] Page 1 (Total results: 50) [SEP] Next > [SEP] " in obs
 
@@ -61,6 +61,7 @@ def test_invalid_action_returns_the_unchanged_page(action):
     obs, reward, done, info = env.step(f"Action: {action}")
     assert obs == item and obs.startswith("Observation:\nInstruction: [SEP] ")  # nothing added
     assert reward == 0 and not done and not env.state.finished and info["valid_format"]
+    assert info["outcome"] == "rejected"  # the shop's verdict, though the page says nothing
 
 
 def test_lenient_actions_option_adds_our_message_and_loose_parse():

@@ -279,6 +279,11 @@ class AlfWorldEnv(BaseEnv):
             return text, 0.0, False, False  # the episode has been terminated already
         return format_observation(text), float(won), won, won
 
+    def action_rejected(self, observation: str) -> bool | None:
+        if self.state.finished and self.state.terminate_reason not in ("success", "done", "max_steps"):
+            return None  # the game process failed: the text is ours, not the game's
+        return observation == "Observation: Nothing happens."
+
     def _request(self, message: dict, timeout: float, kind: str) -> tuple[bool, str, bool]:
         """(True, feedback, won), or (False, what went wrong, False) after ending the episode."""
         reply = self._worker.request(message, timeout)

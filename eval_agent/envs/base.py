@@ -35,6 +35,13 @@ TOO_LONG_OBSERVATION = (f"Observation: Invalid action. The action after 'Action:
 EMPTY_ACTION_OBSERVATION = "Observation: Invalid action. Nothing follows 'Action: '. Nothing happened."
 
 
+# What became of one agent step (info["outcome"], episodes' meta.step_outcomes): no "Action:" in the answer; an
+# action not sent to the simulator (empty or too long); sent and refused by it; sent and carried out; sent, and
+# the env cannot tell.
+INVALID_FORMAT, NOT_RUN, REJECTED, RAN, UNKNOWN = "invalid_format", "not_run", "rejected", "ran", "unknown"
+STEP_OUTCOMES = (INVALID_FORMAT, NOT_RUN, REJECTED, RAN, UNKNOWN)
+
+
 def parse_action(model_output: str, first_line_only: bool = False, pattern: str = ACTION_PATTERN) -> str | None:
     """Return the action in `model_output` ("" when "Action:" is followed by nothing), or None when
     there is no "Action:" at all. The thought before it is kept in the history but never executed."""
@@ -116,19 +123,27 @@ class BaseEnv(ABC):
         invalid = invalid_action_observation(action, self.invalid_format_observation)
         if invalid is not None:
             observation = invalid
-            info: dict[str, Any] = {"action": action, "valid_format": False}
+            outcome = INVALID_FORMAT if action is None else NOT_RUN
+            info: dict[str, Any] = {"action": action, "valid_format": False, "outcome": outcome}
             if action is None:  # the original: an answer without "Action:" resets the reward
                 self.state.reward, self._rewarded = 0.0, True
         else:
             observation, reward, done, success = self._act(action)
             if not self._rewarded or float(reward) > self.state.reward:
                 self.state.reward, self._rewarded = float(reward), True
-            info = {"action": action, "valid_format": True}
+            rejected = self.action_rejected(observation)
+            outcome = UNKNOWN if rejected is None else REJECTED if rejected else RAN
+            info = {"action": action, "valid_format": True, "outcome": outcome}
             if done:
                 self._finish(success=success, reason="success" if success else "done")
         if not self.state.finished and self.state.steps >= self.max_steps:
             self._finish(success=False, reason="max_steps")
         return observation, self.state.reward, self.state.finished, info
+
+    def action_rejected(self, observation: str) -> bool | None:
+        """Whether the simulator refused the action `_act` just ran (it did not carry it out), from its
+        observation or state; None where the env cannot tell (read by the behaviour statistics only)."""
+        return None
 
     def terminate(self, reason: str) -> None:
         """End the episode from outside (timeout, context overflow, model error)."""

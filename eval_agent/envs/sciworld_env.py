@@ -39,6 +39,9 @@ _ELECTRICAL_MARKERS = ("power-component", "conductivity")
 # what the simulator's task text starts with; the original's construct_preference cuts len(TASK_HEADER) chars
 TASK_HEADER = "Task Description:\n"
 OBSERVATION_PREFIX = "Observation: "
+# The simulator's answers to an action it does not carry out: none matches; several match and it waits for a
+# number; not an action at all (e.g. anything but a number after an ambiguous one)
+REFUSALS = ("No known action matches that input.", "Ambiguous request:", "Unknown action.")
 ENV_STEP_LIMIT = 200  # the original's main.py: ScienceWorldEnv("", ..., envStepLimit=200)
 
 
@@ -179,6 +182,9 @@ class ScienceWorldEnv(BaseEnv):
         # package's 0-100 integer scale; its env calls every end a success
         done = bool(server.getCompleted()) or server.getNumMoves() > self.env_step_limit or round(100 * score) < 0
         return OBSERVATION_PREFIX + text, score, done, done
+
+    def action_rejected(self, observation: str) -> bool:
+        return observation[len(OBSERVATION_PREFIX):].startswith(REFUSALS)
 
     # -- helpers for agents, the expert-data script, tests and the benchmark -----
     def task_description(self) -> str:

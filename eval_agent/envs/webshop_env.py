@@ -29,5 +29,9 @@ class WebShopEnv(BaseEnv):
         return observation  # the original uses the page as the task text, without the prefix
 
     def _act(self, action: str) -> tuple[str, float, bool, bool]:
-        observation, reward, done, _, _ = self.env.step(action)
+        observation, reward, done, _, info = self.env.step(action)
+        self._last_valid = info["valid"]
         return OBSERVATION_PREFIX + observation, reward, done, done  # the original: any purchase is a success
+
+    def action_rejected(self, observation: str) -> bool:
+        return not self._last_valid  # the shop's own verdict: no such button, no keywords, not an action

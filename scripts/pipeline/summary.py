@@ -8,7 +8,8 @@ A stage's metrics are computed from its episode files, so a run whose metrics.js
 a run folder without its episode files shows the stage's recorded metrics (no intervals, "-" for what they lack).
 Intervals: percentile bootstrap over tasks (eval_agent.metrics). A paired difference (e.g. SFT - base) compares
 the same test tasks in both stages: its interval resamples the per-task differences, and the counts say on how
-many tasks the later stage scored higher / lower.
+many tasks the later stage scored higher / lower. Each row also says what the agent did (eval_agent.behaviour:
+how its steps ended, repeated actions, score rises, how episodes ended, the verbs of its actions).
 
 The run folder's paths are eval_agent.run_layout's; a method's best-of-K evaluation (bon's eval_bon) is judged by its
 best sample, as the method's registration (scripts/pipeline/methods.py) says.
@@ -29,6 +30,8 @@ import json
 import os
 from pathlib import Path
 
+from eval_agent.behaviour import DEFINITIONS as BEHAVIOUR_DEFINITIONS
+from eval_agent.behaviour import behaviour
 from eval_agent.metrics import DEFINITIONS, bootstrap_interval, per_task, summarise
 from eval_agent.run_layout import (
     EPISODE_KINDS,
@@ -90,12 +93,13 @@ def stage_row(name: str, metrics: dict, folder: Path, best_of_k: bool) -> tuple[
                    if isinstance(t, str)}
     else:  # a run folder without its episode files (a committed study): the stage's own metrics
         stats, rewards = metrics, {}
+    acted = behaviour(records) if records else None
     ci = stats.get("ci95") or {}
     sampled = (stats.get("samples_per_task") or 1) > 1
     row = {"stage": name, "split": split_of(name), "tasks": stats.get("num_tasks"),
            **{f: stats.get(f) for f in ROW_FIELDS + (SAMPLED_FIELDS if sampled else ())},
            **{f: ci.get(m) for f, m in (CI_FIELDS | (SAMPLED_CI_FIELDS if sampled else {})).items()},
-           "by_task_type": stats.get("by_task_type") or {}}
+           "by_task_type": stats.get("by_task_type") or {}, "behaviour": acted}
     return row, rewards
 
 
@@ -201,8 +205,8 @@ def _label(stage: str, best_of_k: set[str]) -> str:
     return TEST_STAGE_LABELS.get(stage) or stage.removeprefix(eval_stage(""))
 
 
-def _num(value) -> str:
-    return "-" if value is None else f"{value:.4f}"
+def _num(value, places: int = 4) -> str:
+    return "-" if value is None else f"{value:.{places}f}"
 
 
 def _ci(ci) -> str:
@@ -228,6 +232,7 @@ def markdown(summary: dict) -> str:
                          f"{_num(r['best_of_k_reward'])} | {_ci(r['best_of_k_ci95'])} | {_num(r['pass_at_k'])} | "
                          f"{_ci(r['pass_at_k_ci95'])} |")
     lines += by_type_table(summary["results"])
+    lines += behaviour_table([(r["stage"], r.get("behaviour")) for r in summary["results"]])
     if summary["paired_differences"]:
         lines += ["", "| paired difference (same test tasks) | tasks | mean reward diff | 95% CI | better | worse | same |",  # noqa: E501
                   "|---|---|---|---|---|---|---|"]
@@ -251,6 +256,27 @@ def markdown(summary: dict) -> str:
     for row in [*table["stages"], {**table["total"], "stage": "**total**"}]:
         lines.append(f"| {row['stage']} | " + " | ".join(_amount(row[f]) for f in shown) + " |")
     return "\n".join(lines)
+
+
+BEHAVIOUR_COLUMNS = ("steps_per_episode", "invalid_format", "not_run", "rejected", "ran", "unknown", "repeated",
+                     "score_rose", "score_rises")
+
+
+def behaviour_table(rows: list[tuple[str, dict | None]]) -> list[str]:
+    """What the agent did in each evaluation or exploration (eval_agent.behaviour), with the columns' meanings;
+    columns no row has (e.g. "unknown" steps) are left out."""
+    rows = [(name, acted) for name, acted in rows if acted]
+    if not rows:
+        return []
+    shown = [c for c in BEHAVIOUR_COLUMNS if c == "steps_per_episode" or any(a.get(c) for _, a in rows)]
+    lines = ["", "| behaviour | episodes | " + " | ".join(c.replace("_", " ") for c in shown) + " | actions carried "
+             "out (top verbs) |", "|---" * (len(shown) + 3) + "|"]
+    for name, acted in rows:
+        verbs = ", ".join(f"{verb} {count}" for verb, count in acted.get("top_verbs") or []) or "-"
+        lines.append(f"| {name} | {acted['episodes']} | " + " | ".join(_num(acted.get(c), 2) for c in shown)
+                     + f" | {verbs} |")
+    lines += ["", "; ".join(f"{c.replace('_', ' ')}: {BEHAVIOUR_DEFINITIONS[c]}" for c in shown) + "."]
+    return lines
 
 
 def by_type_table(results: list[dict]) -> list[str]:

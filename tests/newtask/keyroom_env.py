@@ -43,3 +43,6 @@ class KeyRoomEnv(BaseEnv):
                 return "Observation: The vault door opens.", 1.0, True, True
             return "Observation: The vault door is locked.", reward, False, False
         return "Observation: Nothing happens.", reward, False, False
+
+    def action_rejected(self, observation: str) -> bool:
+        return observation == "Observation: Nothing happens."
