@@ -3,9 +3,10 @@ one the simulator refused, one it carried out), how often an action repeated the
 raised their score at some step (ScienceWorld's partial credit), how the episodes ended and the verbs of the
 actions carried out.
 
-Read from episode files: `meta.step_outcomes` (envs.base STEP_OUTCOMES, recorded since 2026-12; an older episode's
-steps count as "unknown"), `meta.step_scores`, `meta.terminate_reason` and the agent's turns (the last `steps`
-assistant turns are the steps' answers).
+Read from episode files: `meta.step_outcomes` (envs.base STEP_OUTCOMES) and `meta.reset_score` (the score before
+the first step), both recorded since 2026-12 (an older episode's steps count as "unknown" and its scores rise from
+0), `meta.step_scores`, `meta.terminate_reason` and the agent's turns (the last `steps` assistant turns are the
+steps' answers).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ DEFINITIONS = {
     "ran": f"share of steps whose action the simulator carried out ({RAN})",
     "unknown": f"share of steps sent to an env that cannot tell whether it refused them ({UNKNOWN})",
     "repeated": "share of sent actions equal to the action of the step before",
-    "score_rose": "share of episodes whose score rose at some step",
+    "score_rose": "share of episodes whose score rose above the score at reset at some step",
     "score_rises": "steps that raised the score, per episode",
 }
 
@@ -38,9 +39,10 @@ def step_answers(record: dict) -> list[str]:
     return answers[len(answers) - steps:] if steps else []
 
 
-def score_rises(scores: list[float]) -> int:
-    """Steps after which the score is above every earlier one (and above 0, the score before the first step)."""
-    best, rises = 0.0, 0
+def score_rises(scores: list[float], start: float = 0.0) -> int:
+    """Steps after which the score is above every earlier one and above `start`, the score before the first step
+    (ScienceWorld's reset move scores on some tasks: those points are no step's)."""
+    best, rises = start, 0
     for score in scores:
         if score > best:
             best, rises = score, rises + 1
@@ -73,7 +75,7 @@ def behaviour(records: Iterable[dict]) -> dict:
                 if kind != REJECTED and verb:
                     verbs[verb.group().lower()] += 1
             previous = action
-        count = score_rises(meta.get("step_scores") or [])
+        count = score_rises(meta.get("step_scores") or [], meta.get("reset_score") or 0.0)
         rose, rises = rose + (count > 0), rises + count
     share = (lambda count, total: round(count / total, 4) if total else None)
     return {"episodes": episodes, "steps": steps,

@@ -116,6 +116,7 @@ def run_episode(cfg: TaskConfig, task: Task, agent: Agent, icl_num: int, instruc
     turns: list[dict[str, str]] = []
     step_scores: list[float] = []  # the episode's reward after each agent step (online RL's per-step rewards)
     step_outcomes: list[str] = []  # what became of each agent step (envs.base STEP_OUTCOMES): behaviour statistics
+    reset_score = None  # the simulator's score before the first step, where step scores rise from
     final_observation = None
     try:
         env = pool.acquire(task)
@@ -123,6 +124,7 @@ def run_episode(cfg: TaskConfig, task: Task, agent: Agent, icl_num: int, instruc
             env.max_steps = min(env.max_steps, max_steps)
         with pool.lock:
             first_observation = env.reset()
+            reset_score = env.score_at_reset()
         turns = record_turns(instruction, first_observation)
         messages = build_messages(instruction, icl_messages, first_observation, icl_num)
         _show(verbose, task, "task", first_observation)
@@ -163,7 +165,7 @@ def run_episode(cfg: TaskConfig, task: Task, agent: Agent, icl_num: int, instruc
         if envs is None:
             pool.close_all()
     meta = {**state, "final_observation": final_observation, "step_scores": step_scores,
-            "step_outcomes": step_outcomes, "policy_versions": sorted(versions),
+            "reset_score": reset_score, "step_outcomes": step_outcomes, "policy_versions": sorted(versions),
             "cost": episode_cost(calls, state["steps"], time.monotonic() - started)}
     return trajectory_record(task.id, turns, meta=meta)
 

@@ -51,6 +51,9 @@ def test_answers_are_the_last_steps_turns_and_rises_need_a_new_best():
     assert step_answers(EPISODES[1]) == ["Action: go to kitchen", "Action: Take key\nThought: more text",
                                          "Action: go to hall"]
     assert score_rises([0.0, -1.0, 0.5, 0.5, 0.25, 0.75]) == 2
+    # ScienceWorld: the reset's points (0.08) are reported at the first step, and again after an answer without
+    # "Action:" set the reward to 0: neither is a rise
+    assert score_rises([0.08, 0.0, 0.08, 0.25], start=0.08) == 1
     assert behaviour([])["steps_per_episode"] is None
 
 

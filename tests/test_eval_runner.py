@@ -83,6 +83,7 @@ def test_episode_replaying_gold_actions_succeeds_and_records_turns(sciworld, env
     assert meta["terminate_reason"] == "success" and 0 < meta["steps"] <= len(gold)
     steps = meta["steps"]
     assert meta["step_outcomes"] == ["ran"] * steps  # the gold path: every action carried out
+    assert meta["reset_score"] <= meta["step_scores"][0]
     turns = record["conversations"]
     assert [t["value"] for t in turns[:2]] == [instruction, OK_REPLY]
     task_text = turns[2]["value"]

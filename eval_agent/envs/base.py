@@ -140,6 +140,11 @@ class BaseEnv(ABC):
             self._finish(success=False, reason="max_steps")
         return observation, self.state.reward, self.state.finished, info
 
+    def score_at_reset(self) -> float:
+        """The simulator's score before the first step (ScienceWorld's reset move can score): where step scores
+        rise from (read by the behaviour statistics only; not a reward)."""
+        return 0.0
+
     def action_rejected(self, observation: str) -> bool | None:
         """Whether the simulator refused the action `_act` just ran (it did not carry it out), from its
         observation or state; None where the env cannot tell (read by the behaviour statistics only)."""

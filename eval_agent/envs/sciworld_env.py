@@ -183,6 +183,9 @@ class ScienceWorldEnv(BaseEnv):
         done = bool(server.getCompleted()) or server.getNumMoves() > self.env_step_limit or round(100 * score) < 0
         return OBSERVATION_PREFIX + text, score, done, done
 
+    def score_at_reset(self) -> float:
+        return float(self.simulator.server.getScore())  # the reset's "look around" scores on some tasks
+
     def action_rejected(self, observation: str) -> bool:
         return observation[len(OBSERVATION_PREFIX):].startswith(REFUSALS)
 
