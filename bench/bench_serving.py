@@ -1,10 +1,14 @@
 """Serving throughput: continuous batching vs one request at a time, side by side in one run.
 
     python -m bench.bench_serving [--model-path models/SmolLM2-135M-Instruct] [--concurrency 1 4 8] \
-        [--new-tokens 64] [--prompt-tokens 300] [--rounds 1] [--num-threads 1] [--episodes 0]
+        [--new-tokens 64] [--prompt-tokens 300] [--rounds 1] [--num-threads 1] [--episodes 0] \
+        [--max-batch-size 8] [--via-api]
 
 Starts a controller and two copies of the same model worker on loopback: one
-batching (--max-batch-size 8), one with --no-batching. For each concurrency c,
+batching (--max-batch-size, default 8), one with --no-batching. With --via-api the
+requests go through an OpenAI API server in front of the controller
+(POST /v1/completions, greedy, max_tokens = --new-tokens; an answer may end early at
+the end-of-sequence token) instead of to the controller's stream endpoint. For each concurrency c,
 c clients each send `rounds` agent-like requests (an instruction and an
 in-context example of about --prompt-tokens tokens, a distinct task at the
 end, greedy, exactly --new-tokens new tokens) through the controller, first to
@@ -15,7 +19,9 @@ With --episodes N it also runs N short ALFWorld episodes through
 First it measures this machine's memory bandwidth and matmul throughput
 (bench/roofline.py) and reports each tokens/s as a fraction of the decode limit
 they allow (batch c for the batching worker, 1 for the other: weights read once
-per step). Prints a table and writes bench/results/serving.json.
+per step). On a GPU the workers run on it (their default device) and the limits are
+measured there in the workers' dtype (bf16 where supported). Prints a table and
+writes bench/results/serving.json.
 """
 from __future__ import annotations
 
@@ -40,8 +46,11 @@ from fastchat.records import OK_REPLY, write_json_atomic
 
 REPO = Path(__file__).resolve().parent.parent
 
-MAX_BATCH = 8
-MODES = {"batched": ["--max-batch-size", str(MAX_BATCH)], "one-at-a-time": ["--no-batching"]}
+MODES = ("batched", "one-at-a-time")
+
+
+def mode_flags(mode: str, max_batch: int) -> list[str]:
+    return ["--max-batch-size", str(max_batch)] if mode == "batched" else ["--no-batching"]
 
 
 def free_port() -> int:
@@ -80,9 +89,20 @@ def agent_prompts(model_path: Path, n: int, prompt_tokens: int) -> list[str]:
 
 
 def run_level(controller: str, model: str, prompts: list[str], new_tokens: int,
-              clients: int) -> tuple[float, int, list[str]]:
-    """`clients` concurrent clients share the prompts; each sends its next request when its last one has ended."""
+              clients: int, api: str | None = None) -> tuple[float, int, list[str]]:
+    """`clients` concurrent clients share the prompts; each sends its next request when its last one has ended.
+    With `api` (an OpenAI API server's address) each request is a greedy POST /v1/completions there."""
+    def one_api(prompt: str) -> dict:
+        r = requests.post(api + "/v1/completions", timeout=3600, json={
+            "model": model, "prompt": prompt, "temperature": 0.0, "max_tokens": new_tokens})
+        out = r.json()
+        if r.status_code != 200 or "choices" not in out:
+            raise RuntimeError(f"generation failed: HTTP {r.status_code} {out}")
+        return {"text": out["choices"][0]["text"], "usage": out["usage"]}
+
     def one(prompt: str) -> dict:
+        if api:
+            return one_api(prompt)
         r = requests.post(controller + "/worker_generate_stream", stream=True, timeout=3600, json={
             "model": model, "prompt": prompt, "temperature": 0.0, "max_new_tokens": new_tokens, "echo": False,
             "ignore_eos": True})
@@ -134,6 +154,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=1, help="requests per client at each level")
     p.add_argument("--num-threads", type=int, default=1, help="torch threads per worker (both workers alike)")
     p.add_argument("--episodes", type=int, default=0, help="also run this many eval_agent episodes per level")
+    p.add_argument("--max-batch-size", type=int, default=8, help="the batching worker's --max-batch-size")
+    p.add_argument("--via-api", action="store_true", help="send the requests through an OpenAI API server")
     p.add_argument("--out", default=str(REPO / "bench/results/serving.json"))
     a = p.parse_args()
     model_path = Path(a.model_path) if a.model_path else default_model_path()
@@ -141,7 +163,13 @@ def main() -> None:
         raise SystemExit(f"no model at {model_path}; pass --model-path")
 
     load_before = os.getloadavg()
-    limits = roofline.measure(a.num_threads, model_path)  # before the workers start, on an idle process
+    import torch  # the workers' default device and dtype: the GPU in bf16 where there is one
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    limits = roofline.measure(a.num_threads, model_path, device, dtype)  # before the workers start, on an idle process
+    if device == "cuda":
+        torch.cuda.empty_cache()
     print(f"roofline ({a.num_threads} threads): {limits['memory_gbs']} GB/s, {limits['matmul_gflops']} GFLOP/s -> "
           f"{limits['decode_tokens_per_s_per_sequence']} tok/s per sequence in a step", flush=True)
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
@@ -150,22 +178,31 @@ def main() -> None:
     controller = f"http://127.0.0.1:{cport}"
     procs = [subprocess.Popen([sys.executable, "-m", "fastchat.serve.controller", "--port", str(cport)],
                               stdout=(logs / "controller.log").open("w"), stderr=subprocess.STDOUT, env=env)]
-    workers = {}
+    workers, api = {}, None
     try:
-        for mode, flags in MODES.items():
+        for mode in MODES:
             port = free_port()
             workers[mode] = f"http://127.0.0.1:{port}"
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "fastchat.serve.model_worker", "--model-path", str(model_path),
                  "--model-names", mode, "--port", str(port), "--controller-address", controller,
-                 "--num-threads", str(a.num_threads), *flags],
+                 "--num-threads", str(a.num_threads), *mode_flags(mode, a.max_batch_size)],
                 stdout=(logs / f"{mode}.log").open("w"), stderr=subprocess.STDOUT, env=env))
         wait_for(lambda: set(MODES) <= set(requests.post(controller + "/list_models", timeout=5).json()["models"]),
                  600, "workers")
+        if a.via_api:
+            port = free_port()
+            api = f"http://127.0.0.1:{port}"
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "fastchat.serve.openai_api_server", "--port", str(port),
+                 "--controller-address", controller], stdout=(logs / "api.log").open("w"), stderr=subprocess.STDOUT,
+                env=env))
+            wait_for(lambda: {m["id"] for m in requests.get(api + "/v1/models", timeout=5).json()["data"]}
+                     >= set(MODES), 120, "OpenAI API server")
         prompts = agent_prompts(model_path, max(a.concurrency) * a.rounds, a.prompt_tokens)
         n_prompt = [len(x) for x in prompts]
-        run_level(controller, "batched", prompts[:1], 4, 1)  # warm up both workers
-        run_level(controller, "one-at-a-time", prompts[:1], 4, 1)
+        run_level(controller, "batched", prompts[:1], 4, 1, api)  # warm up both workers
+        run_level(controller, "one-at-a-time", prompts[:1], 4, 1, api)
         rows = []
         for c in a.concurrency:
             batch = prompts[: c * a.rounds]
@@ -173,8 +210,8 @@ def main() -> None:
             texts = {}
             for mode in MODES:
                 before = engine_stats(workers[mode])
-                wall, tokens, texts[mode] = run_level(controller, mode, batch, a.new_tokens, c)
-                limit = roofline.decode_limit(limits, min(c, MAX_BATCH) if mode == "batched" else 1)
+                wall, tokens, texts[mode] = run_level(controller, mode, batch, a.new_tokens, c, api)
+                limit = roofline.decode_limit(limits, min(c, a.max_batch_size) if mode == "batched" else 1)
                 after = engine_stats(workers[mode])
                 row[mode] = {"seconds": round(wall, 2), "tokens": tokens, "tokens_per_s": round(tokens / wall, 2),
                              "fraction_of_limit": round(tokens / wall / limit, 3), "engine": delta(after, before)}
@@ -187,6 +224,7 @@ def main() -> None:
                 row["episodes_speedup"] = round(row["batched"]["episodes_per_hour"] /
                                                 row["one-at-a-time"]["episodes_per_hour"], 2)
             row["same_greedy_text"] = texts["batched"] == texts["one-at-a-time"]
+            row["same_greedy_requests"] = sum(x == y for x, y in zip(texts["batched"], texts["one-at-a-time"]))
             rows.append(row)
             print(f"c={c}: batched {row['batched']['tokens_per_s']} tok/s, one-at-a-time "
                   f"{row['one-at-a-time']['tokens_per_s']} tok/s, x{row['speedup']}", flush=True)
@@ -212,6 +250,7 @@ def main() -> None:
               f"{str(r['same_greedy_text']):>10} {eph:>16}")
     out = Path(a.out)
     write_json_atomic(out, {"model": model_path.name, "num_threads": a.num_threads, "new_tokens": a.new_tokens,
+                            "max_batch_size": a.max_batch_size, "via_api": a.via_api,
                             "prompt_tokens": a.prompt_tokens, "rounds": a.rounds, "episodes": a.episodes,
                             "roofline": limits, "rows": rows,
                             "load_average": {"start": load_before, "end": os.getloadavg()}}, indent=2)

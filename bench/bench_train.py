@@ -3,6 +3,7 @@
 
     python -m bench.bench_train                    # default model, ScienceWorld expert trajectories
     python -m bench.bench_train --runs sft_packed dpo_packed --samples 4
+    python -m bench.bench_train --bf16 --runs sft_packed dpo_packed sft_packed_zero2   # on a GPU
 
 Each run is `python -m fastchat.train.train[_dpo]` in its own process (so its peak RSS is its own) on the first
 --samples records of --data in file order (`--train_sampling_strategy sequential`: every setting sees the same
@@ -17,12 +18,18 @@ scale). Each run's matmul FLOPs (bench/roofline.py `training_flops`: the work ac
 head's positions) over its time and the measured throughput give its matmul utilization: what the kernels reach.
 The load average before and after each run is recorded. Writes bench/results/train.json (after every run, so a
 partial run keeps what it measured).
+
+On a GPU the trainers run there (their default) and the limits are measured there; with --bf16 the trainers get
+--bf16 and the limits are measured in bf16 (on CPU the trainers switch bf16 off, and the limits stay fp32). Peak
+CUDA memory is recorded where there is a GPU. `sft_packed_zero2` is `sft_packed` under DeepSpeed ZeRO-2
+(fastchat/train/configs/zero2.json), launched by torchrun with one process: it needs DeepSpeed and a CUDA GPU.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -40,6 +47,7 @@ RUNS = {  # name: (trainer module, flags)
     "sft_packed_checkpointing": ("fastchat.train.train", ["--gradient_checkpointing"]),
     "dpo_padded": ("fastchat.train.train_dpo", ["--no_padding_free", "--precompute_ref_logps"]),
     "dpo_packed": ("fastchat.train.train_dpo", ["--precompute_ref_logps"]),
+    "sft_packed_zero2": ("fastchat.train.train", ["--deepspeed", str(ROOT / "fastchat/train/configs/zero2.json")]),
 }
 
 
@@ -49,22 +57,40 @@ def dpo_pairs(records: list[dict]) -> list[dict]:
             for i, r in enumerate(records)]
 
 
+def device_and_dtype(bf16: bool) -> tuple:
+    """Where the trainers run (the GPU where there is one) and the dtype of their matmuls."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return device, torch.bfloat16 if bf16 and device == "cuda" else torch.float32
+
+
+def launcher(flags: list[str]) -> list[str]:
+    """`python` for a plain run; torchrun with one process on a free port for DeepSpeed."""
+    if "--deepspeed" not in flags:
+        return [sys.executable]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", str(port)]
+
+
 def run(name: str, model: str, data: Path, out: Path, args) -> dict:
     module, flags = RUNS[name]
-    limits = roofline.measure(args.threads, model)  # right before the run, under the load it will meet
-    cmd = [sys.executable, "-m", module, "--model_name_or_path", model, "--data_path", str(data),
+    limits = roofline.measure(args.threads, model, *device_and_dtype(args.bf16))  # right before the run
+    cmd = [*launcher(flags), "-m", module, "--model_name_or_path", model, "--data_path", str(data),
            "--output_dir", str(out), "--per_device_train_batch_size",
            str(args.dpo_batch if name.startswith("dpo") else args.batch),
            "--model_max_length", str(args.max_length), "--num_train_epochs", "1", "--learning_rate", "1e-5",
            "--train_sampling_strategy", "sequential", "--logging_steps", "1", "--disable_tqdm", "true",
-           "--seed", "0", *flags]
+           "--seed", "0", *flags, *(["--bf16"] if args.bf16 else [])]
     load_before = os.getloadavg()
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
                           env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
     wall = time.perf_counter() - start
     if proc.returncode != 0:
-        raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
+        raise SystemExit(f"{name} failed:\n{proc.stdout[-1500:]}\n{proc.stderr[-3000:]}")
     s = json.loads((out / "train_summary.json").read_text())
     shown = " ".join(cmd[1:]).replace(str(out), "OUT").replace(str(data), "DATA").replace(model, "MODEL")
     log = json.loads((out / "trainer_state.json").read_text())["log_history"]
@@ -78,6 +104,7 @@ def run(name: str, model: str, data: Path, out: Path, args) -> dict:
         "tokens_per_s": round(s["real_tokens"] / s["train_runtime_s"], 1), "train_cpu_s": round(s["train_cpu_s"], 1),
         "cpu_tokens_per_s": round(s["real_tokens"] / (s["train_cpu_s"] / args.threads), 1),
         "peak_rss_mib": round(s["peak_rss_mib"]),
+        **({"peak_cuda_mib": round(s["peak_cuda_mib"])} if s.get("peak_cuda_mib") else {}),
         "step_losses": [round(h["loss"], 5) for h in log if "loss" in h],
         "roofline": limits, "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
     }
@@ -115,7 +142,8 @@ def main() -> None:
     p.add_argument("--dpo_batch", type=int, default=1, help="DPO pairs per step (2 sequences each)")
     p.add_argument("--max_length", type=int, default=2048)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS))
+    p.add_argument("--runs", nargs="+", choices=list(RUNS), default=[r for r in RUNS if r != "sft_packed_zero2"])
+    p.add_argument("--bf16", action="store_true", help="train in bf16 (where CUDA supports it)")
     p.add_argument("--out", type=Path, default=RESULTS / "train.json")
     args = p.parse_args()
     if args.model is None:
@@ -139,7 +167,7 @@ def main() -> None:
             add_limit(result)
             print(table(result["runs"][-1:]).splitlines()[-1], flush=True)
             write_json_atomic(args.out, result, indent=2)
-    result["roofline_after"] = roofline.measure(args.threads, args.model)
+    result["roofline_after"] = roofline.measure(args.threads, args.model, *device_and_dtype(args.bf16))
     add_limit(result)
     write_json_atomic(args.out, result, indent=2)
     print(table(result["runs"]))

@@ -5,10 +5,34 @@
 #
 #   bash scripts/gpu_check.sh [save_path]          # run folder <save_path>/gpu-check (default outputs)
 #   ETO_GPUS=1 bash scripts/gpu_check.sh           # on GPU 1 (default 0)
+#
+# --small: the check that fits one 10-minute run on the lent GPU machine (no models/, no data/, no fastapi there):
+# installs the wheel bundle (.gpu-bundle/, python -m scripts.gpu_bundle) into a temporary target, then runs
+# python -m scripts.gpu_check (its docstring lists the steps); everything it measures goes to OUT_DIR.
+#   bash scripts/gpu_check.sh --small OUT_DIR [--device cpu] [--model DIR] [flags of python -m scripts.gpu_check]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SAVE=${1:-outputs}
 PYTHON=${PYTHON:-python3}
+if [ "${1:-}" = "--small" ]; then
+  shift
+  if [ $# -lt 1 ] || [ "${1#-}" != "$1" ]; then
+    echo "usage: bash scripts/gpu_check.sh --small OUT_DIR [--device cpu] [flags of python -m scripts.gpu_check]" >&2
+    exit 2
+  fi
+  if ! compgen -G ".gpu-bundle/wheels/*.whl" >/dev/null; then
+    echo "[gpu-check] no wheel bundle (.gpu-bundle/wheels): using the packages installed here"
+  elif ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))'; then
+    echo "[gpu-check] the wheel bundle is for Python 3.12, this is $("$PYTHON" -V 2>&1): using the packages installed here"
+  else
+    SITE=$(mktemp -d "${TMPDIR:-/tmp}/gpu-check-site.XXXXXX")
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --disable-pip-version-check \
+        --target "$SITE" .gpu-bundle/wheels/*.whl
+    export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+    echo "[gpu-check] wheel bundle installed into $SITE"
+  fi
+  exec "$PYTHON" -m scripts.gpu_check "$@"
+fi
+SAVE=${1:-outputs}
 "$PYTHON" - <<'PY'
 import sys, torch
 if not torch.cuda.is_available():

@@ -1,6 +1,8 @@
-"""Build a tiny random-weight Llama with a locally trained byte-level BPE tokenizer.
+"""Build a tiny random-weight Llama with a locally trained byte-level BPE tokenizer, or any model's architecture
+with random weights from its config and tokenizer files alone.
 
     python -m fastchat.model.tiny --out models/tiny-llama [--corpus DIR] [--hidden 128 --layers 2 --vocab 4096]
+    python -m fastchat.model.tiny --from-config models/SmolLM2-135M-Instruct --out /tmp/SmolLM2-135M-Instruct
 
 Used by tests and the CI pipeline run: no hub access, a few million parameters,
 ChatML special tokens and chat template, so serving and training code paths are
@@ -11,10 +13,11 @@ agent-style lines. Deterministic for a given corpus and seed.
 from __future__ import annotations
 
 import argparse
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from fastchat.conversation import TEMPLATES, save_template_name
+from fastchat.conversation import TEMPLATES, save_template_name, template_for_model
 from fastchat.model.portable import make_portable
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -76,9 +79,38 @@ def build_tiny_model(out_dir: str | Path, hidden: int = 128, layers: int = 2, he
     return out
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
+
+
+def build_from_config(config_dir: str | Path, out_dir: str | Path, seed: int = 0) -> Path:
+    """The architecture of the model whose config.json and tokenizer files are in `config_dir`, with random weights
+    (transformers' own initialisation, seeded), in `out_dir`: the folder's other files copied, weights ignored, the
+    chat template it would be served with recorded (eto_template.txt). Nothing is downloaded."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    src, out = Path(config_dir), Path(out_dir)
+    if not (src / "config.json").is_file():
+        raise FileNotFoundError(f"{src}: no config.json (a model folder's config and tokenizer files are needed)")
+    out.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and not f.name.startswith("model.safetensors"):
+            shutil.copy2(f, out / f.name)
+    config = AutoConfig.from_pretrained(src)
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(out)
+    make_portable(out)
+    save_template_name(out, template_for_model(src, tokenizer=tokenizer))
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
+    p.add_argument("--from-config", metavar="DIR", help="random weights for this model folder's architecture, from "
+                   "its config and tokenizer files (the other flags are ignored)")
     p.add_argument("--corpus", action="append", default=[], metavar="DIR",
                    help="train the tokenizer on this folder's *.txt and *.json files too (repeatable)")
     p.add_argument("--hidden", type=int, default=128)
@@ -87,6 +119,9 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
+    if a.from_config:
+        print(f"random-weight model written to {build_from_config(a.from_config, a.out, a.seed)}")
+        return
     out = build_tiny_model(a.out, a.hidden, a.layers, a.heads, a.vocab, seed=a.seed, corpus_dirs=a.corpus)
     print(f"tiny model written to {out}")
 

@@ -23,6 +23,7 @@ so one request never mixes two weight versions. Every chunk names the version
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import queue
 import threading
@@ -147,6 +148,9 @@ class BatchingEngine:
         self.model, self.tokenizer = model, tokenizer
         self.context_len, self.max_batch_size = context_len, max(1, max_batch_size)
         self.device = next(model.parameters()).device
+        # the forward's name for the KV cache: `cache` in newer transformers 5.x, `past_key_values` in older ones
+        # (5.17, on the lent GPU machine), which would take `cache=` silently into **kwargs and fill no cache
+        self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.eos_token_id = tokenizer.eos_token_id
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []
@@ -348,8 +352,8 @@ class BatchingEngine:
         positions, mask = self._kv.step_inputs(new, first)
         if len(group) == 1 and not group[0][1]:  # one prompt, nothing cached: plain causal attention (faster)
             mask = None
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=self._kv, use_cache=True,
-                         logits_to_keep=torch.tensor(ends, device=self.device))
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, **{self._cache_arg: self._kv},
+                         use_cache=True, logits_to_keep=torch.tensor(ends, device=self.device))
         self._kv.advance()
         self.stats["prefills"] += len(group)
         self.stats["prefill_passes"] += 1
@@ -418,8 +422,8 @@ class BatchingEngine:
         self.stats["max_batch"] = max(self.stats["max_batch"], len(seqs))
         input_ids = torch.tensor([[s.output_ids[-1]] for s in seqs], device=self.device)
         positions, mask = self._kv.step_inputs()
-        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=self._kv,
-                         use_cache=True)
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                         **{self._cache_arg: self._kv}, use_cache=True)
         self._kv.advance()
         self._advance(seqs, out.logits[:, -1, :])
 
