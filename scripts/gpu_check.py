@@ -48,6 +48,8 @@ import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
+from eval_agent.run_layout import RunLayout
+
 REPO = Path(__file__).resolve().parent.parent
 BUNDLE = REPO / ".gpu-bundle"
 COMPARE_STEPS = 3  # logged losses compared between precisions (and with ZeRO-2)
@@ -127,6 +129,11 @@ def commit() -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         pass
     return os.environ.get("ETO_GPU_CHECK_COMMIT")
+
+
+def process_log(work: Path, name: str) -> Path:
+    """The log of a process the check starts (all of them go into logs.tar.gz)."""
+    return work / "logs" / f"{name}.log"
 
 
 def run_process(cmd: list[str], log: Path, timeout: float, env: dict, cwd: Path = REPO) -> None:
@@ -255,7 +262,7 @@ def serving_step(args, work: Path, env: dict, check: Check) -> dict:
            *map(str, args.concurrency), "--max-batch-size", str(max(args.concurrency)), "--new-tokens",
            str(args.new_tokens), "--prompt-tokens", str(args.prompt_tokens), "--num-threads", str(args.worker_threads),
            "--via-api", "--out", str(out)]
-    run_process(cmd, work / "logs" / "serving.log", check.remaining(STEP_SECONDS["serving"]), env)
+    run_process(cmd, process_log(work, "serving"), check.remaining(STEP_SECONDS["serving"]), env)
     raw = json.loads(out.read_text())
     peak = args.limits["peak"]
     weight_bytes = raw["roofline"].get("weight_bytes", raw["roofline"]["fp32_weight_bytes"])
@@ -283,7 +290,7 @@ def train_run(args, work: Path, env: dict, check: Check, name: str, runs: list[s
            "--samples", str(args.train_samples), "--batch", str(args.train_batch), "--dpo_batch",
            str(args.dpo_batch), "--max_length", str(args.max_length), "--threads", str(args.threads),
            "--runs", *runs, "--out", str(out), *(["--bf16"] if bf16 else [])]
-    run_process(cmd, work / "logs" / f"train_{name}.log", check.remaining(STEP_SECONDS["training"]), env)
+    run_process(cmd, process_log(work, f"train_{name}"), check.remaining(STEP_SECONDS["training"]), env)
     return json.loads(out.read_text())
 
 
@@ -360,13 +367,13 @@ def loop_step(args, work: Path, env: dict, check: Check) -> dict:
     save = work / "runs"
     cmd = ["bash", str(REPO / "run_eto.sh"), "keyroom", "gpu-small", str(args.model_path), str(save), "--restart",
            *LOOP_FLAGS, "--max_new_tokens", str(args.new_tokens), *(["--gpus", "0"] if args.device == "cuda" else [])]
-    log = work / "logs" / "loop.log"
+    log = process_log(work, "loop")
     run_process(cmd, log, check.remaining(STEP_SECONDS["loop"]), {**env, TASK_PATH_ENV: str(keyroom_task(work))})
-    run = save / "gpu-small"
-    summary = json.loads((run / "summary.json").read_text())
+    run = RunLayout(save / "gpu-small")
+    summary = json.loads(run.summary_json.read_text())
     stages = {}
     text = log.read_text(errors="replace")
-    for p in sorted((run / "stages").glob("*.json")):
+    for p in run.stage_records():
         r = json.loads(p.read_text())
         seconds, cost, metrics = r.get("seconds") or 0, r.get("cost") or {}, r.get("metrics") or {}
         row = {"seconds": seconds, **{k: metrics[k] for k in ("num_tasks", "average_reward", "success_rate")
@@ -490,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
         check.save()
         with tarfile.open(a.out_dir / "logs.tar.gz", "w:gz") as tar:
             tar.add(work / "logs", arcname="logs")
-            run_logs = work / "runs" / "gpu-small" / "logs"
+            run_logs = RunLayout(work / "runs" / "gpu-small").logs_dir
             if run_logs.is_dir():
                 tar.add(run_logs, arcname="loop-run-logs")
         shutil.rmtree(work, ignore_errors=True)

@@ -333,15 +333,17 @@ LEARNING_BUDGET = ["--sft_samples", "8", "--sft_epochs", "40", "--sft_batch_size
                    "16", "--rl_per_device_batch_size", "8", "--eval_every", "8", "--subset_seed", "0"]
 LEARNING_RATE = "3e-4"
 # With the update disabled (lr 0) the step means of the same loop varied with a standard deviation of 0.039 and
-# 0.034 (two seeds, 8 steps each, docs/results/rl-keyroom); a rise of 0.15 between the means of two steps is ~4
-# of those deviations.
-LEARNING_MARGIN = 0.15
+# 0.034 (two seeds, 8 steps each, docs/results/rl-keyroom), so the difference between the means of the last and the
+# first 4 steps has a deviation of about 0.028: 0.06 is about 2 of them (the update-off runs: 0.002 and 0.010). The
+# GRPO runs measured so far: 0.30, 0.22, 0.30 and 0.09 (the slowest: no rollout won before step 5).
+LEARNING_MARGIN = 0.06
 
 
 @pytest.mark.slow
 def test_grpo_learns_the_easy_key_room(tiny_model_dir, tmp_path, keyroom):
-    """GRPO from a weak start raises the sampled episodes' reward and the greedy test reward; with the update
-    disabled (LEARNING_RATE = "0") neither rises and this test fails."""
+    """GRPO from a weak start raises the sampled episodes' reward beyond the update-off noise, and the greedy test
+    reward. With the update disabled (LEARNING_RATE = "0") the weights stay the SFT model's, so the greedy test
+    reward cannot rise and this test fails."""
     tasks = Path(keyroom[TASK_PATH_ENV])
     config = (tasks / "keyroom.yaml").read_text()
     config = (config.replace("name: keyroom\n", "name: keyroom_here\n")
@@ -357,7 +359,7 @@ def test_grpo_learns_the_easy_key_room(tiny_model_dir, tmp_path, keyroom):
     summary = json.loads((save / "learn" / "summary.json").read_text())
     rewards = [row["reward_mean"] for row in summary["rl_log"]]
     assert len(rewards) == 8 and all(row["episodes"] == 64 for row in summary["rl_log"])
-    first, last = sum(rewards[:2]) / 2, sum(rewards[-2:]) / 2
+    first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
     assert last - first > LEARNING_MARGIN, rewards
     test = {row["stage"]: row["average_reward"] for row in summary["results"] if row["split"] == "test"}
     assert test["eval_step8"] > test["eval_sft"], test

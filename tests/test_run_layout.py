@@ -28,7 +28,12 @@ RUN_PIECES = {"pairs", "explore", "eval", "stages", "logs", "models", "data", "t
 # the same names used for other folders than a run's
 OTHER_FOLDERS = {("eval_agent/paths.py", "data"): "the repository's data folder",
                  ("eval_agent/paths.py", "models"): "the repository's models folder",
-                 ("scripts/fetch_data.py", "data"): "the repository's data folder"}
+                 ("scripts/fetch_data.py", "data"): "the repository's data folder",
+                 ("scripts/gpu_bundle.py", "data"): "the repository's and the bundle's data folders",
+                 ("scripts/gpu_check.py", "data"): "the repository's and the bundle's data folders",
+                 ("scripts/gpu_check.py", "logs"): "the small GPU check's own process logs",
+                 ("scripts/gpu_check.py", "{}.log"): "the small GPU check's own process logs",
+                 ("scripts/gpu_check.py", "gpu_check.log"): "the small GPU check's own log"}
 
 
 def text_of(node: ast.AST) -> str | None:
@@ -47,8 +52,7 @@ def hand_built_run_paths(source: str, rel: str) -> list[str]:
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div):
             text = text_of(node.right)
-            if text is not None and ((text in RUN_PIECES and (rel, text) not in OTHER_FOLDERS)
-                                     or text.endswith(".log")):
+            if text is not None and (text in RUN_PIECES or text.endswith(".log")) and (rel, text) not in OTHER_FOLDERS:
                 found.append(f"{rel}:{node.lineno}: / {text!r}")
         elif isinstance(node, ast.JoinedStr) and (text_of(node) or "").startswith("iter{}"):
             found.append(f"{rel}:{node.lineno}: f\"{text_of(node)}\"")
