@@ -335,7 +335,7 @@ LEARNING_RATE = "3e-4"
 # With the update disabled (lr 0) the step means of the same loop varied with a standard deviation of 0.039 and
 # 0.034 (two seeds, 8 steps each, docs/results/rl-keyroom), so the difference between the means of the last and the
 # first 4 steps has a deviation of about 0.028: 0.06 is about 2 of them (the update-off runs: 0.002 and 0.010). The
-# GRPO runs measured so far: 0.30, 0.22, 0.30 and 0.09 (the slowest: no rollout won before step 5).
+# GRPO runs measured so far: 0.30, 0.22, 0.30, 0.09 (the slowest: no rollout won before step 5) and 0.19.
 LEARNING_MARGIN = 0.06
 
 
