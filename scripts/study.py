@@ -640,7 +640,7 @@ def build_table(study: Study) -> dict:
     wanted = [("SFT", "base")] if "base" in rows else []
     for ref in references:
         # an arm with no result yet has one row, its name; no difference of it against its own first iteration
-        wanted += [(n, ref) for n in arm_rows if n != ref and not (rows[n]["stage"] is None and eto is not None
+        wanted += [(n, ref) for n in arm_rows if n != ref and not (ref != "SFT" and rows[n]["stage"] is None
                                                                     and rows[n]["arm"] == eto.name)]
     for after, before in wanted:
         per_seed, pooled_before, pooled_after = {}, {}, {}

@@ -162,10 +162,15 @@ def test_table_from_result_files_alone(tmp_path, capsys):
     data["evaluations"][1]["row"]["behaviour"] = acted
     commit(start0, data)
     commit(start1, result(start1, {"eval_base": {t: 0.0 for t in sft[1]}, "eval_sft": sft[1]}))
-    commit(eto0, result(eto0, {"eval_iter1": it1[0], "eval_iter2": {"a": 1.0, "b": 1.0, "c": 0.0}}))
-    commit(eto1, result(eto1, {"eval_iter1": it1[1]}))  # stopped after one iteration (no pairs)
     bon = {"a": 1.0, "b": 0.5, "c": 0.0}
     commit(bon0, result(bon0, {"eval_bon": bon}, cost={"wall_seconds": 4.0, "completion_tokens": 7}))
+    assert study_mod.main([str(path), "--table_only"]) == 0
+    table = json.loads((tmp_path / "results" / "table.json").read_text())
+    # before any eto result: its one row is compared with SFT, not with its own first iteration
+    assert [d["label"] for d in table["paired_differences"]] == ["SFT - base", "eto - SFT", "bon - SFT",
+                                                                  "bon - eto iter1"]
+    commit(eto0, result(eto0, {"eval_iter1": it1[0], "eval_iter2": {"a": 1.0, "b": 1.0, "c": 0.0}}))
+    commit(eto1, result(eto1, {"eval_iter1": it1[1]}))  # stopped after one iteration (no pairs)
     assert study_mod.main([str(path), "--table_only"]) == 0
     table = json.loads((tmp_path / "results" / "table.json").read_text())
     rows = {r["row"]: r for r in table["rows"]}
