@@ -33,10 +33,11 @@ import zipfile
 from datetime import datetime, timezone
 from pathlib import Path
 
+from scripts.deps import LOCK, normalize, read_lock
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / ".gpu-bundle"
 MACHINE_PACKAGES = Path(__file__).with_name("gpu_machine_packages.txt")
-LOCK = REPO / "requirements.lock"
 LIMIT_BYTES = 64 * 2**20  # what travels to the lent machine, in all
 
 # The packages the small check needs that the lent machine lacks (tests/test_gpu_check.py resolves every import of
@@ -64,13 +65,6 @@ class BundleError(Exception):
     pass
 
 
-def normalize(name: str) -> str:
-    """PEP 503 name: lower case, runs of -_. as one '-'."""
-    import re
-
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
 def machine_packages(path: Path = MACHINE_PACKAGES) -> set[str]:
     """The lent machine's packages (normalised names), from the committed list (comments after '#')."""
     names = set()
@@ -79,16 +73,6 @@ def machine_packages(path: Path = MACHINE_PACKAGES) -> set[str]:
         if line:
             names.add(normalize(line))
     return names
-
-
-def lock_versions(path: Path = LOCK) -> dict[str, str]:
-    out = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        line = line.split("#", 1)[0].strip()
-        if "==" in line:
-            name, version = line.split("==", 1)
-            out[normalize(name)] = version.strip()
-    return out
 
 
 # -- sizes ---------------------------------------------------------------------------------------------------------
@@ -219,7 +203,7 @@ def copy_model_files(model_dir: Path, dest: Path) -> list[str]:
 
 
 def build(out: Path, model_dir: Path, sft_data: Path, sft_records: int, repo: Path = REPO) -> dict:
-    lock = lock_versions()
+    lock = read_lock()
     machine = machine_packages()
     if out.exists():
         shutil.rmtree(out)

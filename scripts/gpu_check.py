@@ -139,21 +139,13 @@ def process_log(work: Path, name: str) -> Path:
 def run_process(cmd: list[str], log: Path, timeout: float, env: dict, cwd: Path = REPO) -> None:
     """`cmd` in its own process group, output to `log`; the group is stopped at `timeout`. Raises on failure, with
     the log's tail."""
-    from scripts.pipeline.services import stop_group
+    from scripts.pipeline.services import run_logged
 
-    with log.open("a", encoding="utf-8") as f:
-        f.write("$ " + " ".join(cmd) + "\n")
-        f.flush()
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
-        try:
-            code = proc.wait(timeout=max(timeout, 1))
-        except subprocess.TimeoutExpired:
-            stop_group(proc, grace=5)
-            raise RuntimeError(f"{cmd[2] if len(cmd) > 2 else cmd[0]} ran past {timeout:.0f} s; log tail:\n"
-                               + log.read_text(errors="replace")[-1500:]) from None
-        except BaseException:
-            stop_group(proc, grace=5)
-            raise
+    try:
+        code = run_logged(cmd, log, "$ " + " ".join(cmd), env, cwd, timeout=max(timeout, 1))
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"{cmd[2] if len(cmd) > 2 else cmd[0]} ran past {timeout:.0f} s; log tail:\n"
+                           + log.read_text(errors="replace")[-1500:]) from None
     if code:
         raise RuntimeError(f"{' '.join(cmd[:3])} exited with {code}; log tail:\n"
                            + log.read_text(errors="replace")[-2500:])

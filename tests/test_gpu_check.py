@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from scripts import gpu_bundle
+from scripts.deps import normalize, read_lock
 from scripts.gpu_check import COMPARE_STEPS, LOSS_RTOL
 
 REPO = Path(__file__).resolve().parent.parent
@@ -160,7 +161,7 @@ def registered_modules() -> list[str]:
 
 
 def test_every_import_of_the_check_is_in_the_bundle_or_on_the_lent_machine():
-    there = gpu_bundle.machine_packages() | {gpu_bundle.normalize(n) for n in gpu_bundle.BUNDLE}
+    there = gpu_bundle.machine_packages() | {normalize(n) for n in gpu_bundle.BUNDLE}
     dists = importlib.metadata.packages_distributions()
     imports = external_imports(ENTRY_MODULES + registered_modules())
     assert {"torch", "transformers", "fastapi", "uvicorn", "pydantic", "requests"} <= set(imports)  # the walk works
@@ -168,7 +169,7 @@ def test_every_import_of_the_check_is_in_the_bundle_or_on_the_lent_machine():
     for top, importers in sorted(imports.items()):
         if top in NOT_ON_THE_CHECKS_PATH:
             continue
-        names = {gpu_bundle.normalize(d) for d in dists.get(top, [])}
+        names = {normalize(d) for d in dists.get(top, [])}
         assert names, f"import {top} (in {sorted(importers)}) is not installed here: cannot tell its distribution"
         if not names & there:
             missing.append(f"{top} ({', '.join(sorted(names))}; imported by {', '.join(sorted(importers))})")
@@ -180,16 +181,16 @@ def test_the_bundle_brings_what_its_packages_require():
     are in the bundle or on the lent machine; every bundled package is pinned in requirements.lock."""
     from packaging.requirements import Requirement
 
-    there = gpu_bundle.machine_packages() | {gpu_bundle.normalize(n) for n in gpu_bundle.BUNDLE}
-    lock = gpu_bundle.lock_versions()
+    there = gpu_bundle.machine_packages() | {normalize(n) for n in gpu_bundle.BUNDLE}
+    lock = read_lock()
     for name in gpu_bundle.BUNDLE:
-        assert gpu_bundle.normalize(name) in lock, f"{name} is not pinned in requirements.lock"
-        assert importlib.metadata.version(name) == lock[gpu_bundle.normalize(name)]
+        assert normalize(name) in lock, f"{name} is not pinned in requirements.lock"
+        assert importlib.metadata.version(name) == lock[normalize(name)]
         for line in importlib.metadata.requires(name) or []:
             req = Requirement(line)
             if req.marker is None or req.marker.evaluate(gpu_bundle.MARKER_ENV):
-                assert gpu_bundle.normalize(req.name) in there, f"{name} requires {req.name}: add it to BUNDLE"
-    assert not {gpu_bundle.normalize(n) for n in gpu_bundle.BUNDLE} & gpu_bundle.machine_packages()
+                assert normalize(req.name) in there, f"{name} requires {req.name}: add it to BUNDLE"
+    assert not {normalize(n) for n in gpu_bundle.BUNDLE} & gpu_bundle.machine_packages()
 
 
 def test_machine_package_list_is_the_images():

@@ -280,8 +280,8 @@ class AlfWorldEnv(BaseEnv):
         return format_observation(text), float(won), won, won
 
     def action_rejected(self, observation: str) -> bool | None:
-        if self.state.finished and self.state.terminate_reason not in ("success", "done", "max_steps"):
-            return None  # the game process failed: the text is ours, not the game's
+        if self.state.finished:  # before step() ends an episode, only a failed game process (_request) has
+            return None  # and the text is ours, not the game's
         return observation == "Observation: Nothing happens."
 
     def _request(self, message: dict, timeout: float, kind: str) -> tuple[bool, str, bool]:

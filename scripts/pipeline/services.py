@@ -39,17 +39,19 @@ class StageFailed(Exception):
         self.stage, self.log, self.code, self.detail = stage, log, code, detail
 
 
-def run_logged(cmd: list[str], log_path: Path, header: str, env: dict[str, str], cwd: Path) -> int:
+def run_logged(cmd: list[str], log_path: Path, header: str, env: dict[str, str], cwd: Path,
+               timeout: float | None = None) -> int:
     """Run `cmd` in its own process group, its output appended to `log_path` after the line `header`; its exit
-    status. Interrupted (Ctrl-C, SIGTERM raised as KeyboardInterrupt), it stops the group, everything it started
-    (env workers, JVMs) with it, and re-raises."""
+    status. Interrupted (Ctrl-C, SIGTERM raised as KeyboardInterrupt), or still running after `timeout` seconds
+    (subprocess.TimeoutExpired), it stops the group, everything it started (env workers, JVMs) with it, and
+    re-raises."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a", encoding="utf-8") as log:
         log.write(header + "\n")
         log.flush()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
         try:
-            return proc.wait()
+            return proc.wait(timeout=timeout)
         except BaseException:
             stop_group(proc)
             raise
